@@ -1,0 +1,54 @@
+"""LoRAShear: structured pruning and knowledge recovery for LoRA-adapted LLaMA-family models.
+
+Importing the package is cheap: it imports neither torch nor transformers and prints nothing. Torch-backed names
+(``run``, ``discover``, ...) load on first access.
+
+Paper: Chen et al., "LoRAShear: Efficient Large Language Model Structured Pruning and Knowledge Recovery",
+arXiv 2310.18356 (2023).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from lorashear.config import JobSpec, load_spec_file
+from lorashear.errors import (
+    AdapterMismatchError,
+    Cancelled,
+    ConfigError,
+    DataError,
+    LoRAShearError,
+    TargetNotExpressibleError,
+    UnsupportedModelError,
+)
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "run": "lorashear.pipeline",
+    "RunResult": "lorashear.pipeline",
+    "discover": "lorashear.graph",
+    "perplexity": "lorashear.evaluation",
+    "load_model": "lorashear.modeling",
+    "apply_plan": "lorashear.prune",
+}
+
+__all__ = [
+    "AdapterMismatchError",
+    "Cancelled",
+    "ConfigError",
+    "DataError",
+    "JobSpec",
+    "LoRAShearError",
+    "TargetNotExpressibleError",
+    "UnsupportedModelError",
+    "load_spec_file",
+    *_LAZY,
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'lorashear' has no attribute {name!r}")

@@ -1,0 +1,674 @@
+"""Job specs: the versioned JSON contract between the CLI, the HTTP API and the worker.
+
+Standard library only: the API validates specs with this module in a process where torch cannot be imported.
+Every field is documented once, by the string literal that follows it; :func:`field_docs` reads those strings for
+the CLI help and the API schema. Ratios are fractions in [0, 1]; lengths are in tokens; durations are in optimizer
+steps, never epochs.
+
+A minimal spec is ``{"model": "stories260K", "target_ratio": 0.2}``; every other field has a default, and the
+data defaults name the TinyStories slices bundled with the package.
+
+Raises:
+    ConfigError: from every constructor and :meth:`JobSpec.from_dict`, naming the field (dotted path) and the
+        value received.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import json
+import math
+import re
+import textwrap
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, get_args, get_origin, get_type_hints
+
+from lorashear.errors import ConfigError
+
+SPEC_VERSION = 1
+"""Version of the spec JSON; bumped when a field changes meaning. Older versions are migrated in ``from_dict``."""
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+"""``config.json`` ``model_type`` values the structure discovery knows (Llama 1/2/3, Mistral, Qwen2)."""
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+"""Linear layers of a LLaMA-family decoder layer that may carry LoRA."""
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]*(/[A-Za-z0-9][A-Za-z0-9._\-]*)*$")
+
+
+def _fail(path: str, message: str) -> ConfigError:
+    return ConfigError(f"{path}: {message}", field=path)
+
+
+def _check_ratio(path: str, value: Any, *, low_open: bool = False, high_open: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise _fail(path, f"expected a number between 0 and 1, got {value!r}")
+    if value < 0 or value > 1 or (low_open and value == 0) or (high_open and value == 1):
+        lo = "(0" if low_open else "[0"
+        hi = "1)" if high_open else "1]"
+        raise _fail(path, f"expected a fraction in {lo}, {hi}, got {value!r}")
+
+
+def _check_int(path: str, value: Any, minimum: int = 0) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _fail(path, f"expected an integer, got {value!r}")
+    if value < minimum:
+        raise _fail(path, f"expected an integer >= {minimum}, got {value!r}")
+
+
+def _check_positive(path: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise _fail(path, f"expected a positive number, got {value!r}")
+
+
+def _check_choice(path: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise _fail(path, f"expected one of {', '.join(choices)}, got {value!r}")
+
+
+def check_name(path: str, value: Any) -> None:
+    """Check that ``value`` is a relative name (``a/b.txt``): no absolute path, no ``..``, no backslash.
+
+    Raises:
+        ConfigError: naming ``path`` and the value.
+    """
+    if not isinstance(value, str) or not value:
+        raise _fail(path, f"expected a non-empty name, got {value!r}")
+    if not _NAME_RE.match(value) or any(part in ("..", ".") for part in value.split("/")):
+        raise _fail(
+            path,
+            f"{value!r} is not a valid name: use letters, digits, '.', '_', '-' and '/' between parts, "
+            "relative to the configured root (no absolute paths, no '..')",
+        )
+
+
+class _Section:
+    """Mixin: strict construction from dicts, validation with dotted field paths, JSON round trip."""
+
+    _path: ClassVar[str] = ""
+
+    def validate(self, path: str) -> None:  # pragma: no cover - overridden
+        """Check every field; ``path`` prefixes field names in errors."""
+
+    def __post_init__(self) -> None:
+        self.validate(self._path)
+
+    @classmethod
+    def from_dict(cls, data: Any, path: str = "") -> Any:
+        """Build from a JSON object; unknown keys warn, wrong types raise ``ConfigError`` naming the field."""
+        path = path or cls._path
+        if not isinstance(data, dict):
+            raise _fail(path or "spec", f"expected an object, got {type(data).__name__}")
+        hints = get_type_hints(cls)
+        names = {f.name for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
+        kwargs: dict[str, Any] = {}
+        for key, value in data.items():
+            sub = f"{path}.{key}" if path else key
+            if key not in names:
+                warnings.warn(f"unknown spec field {sub!r} ignored", UserWarning, stacklevel=3)
+                continue
+            kwargs[key] = _convert(hints[key], value, sub)
+        try:
+            obj = cls.__new__(cls)
+            defaults = cls()  # type: ignore[call-arg]
+            for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+                setattr(obj, f.name, kwargs.get(f.name, getattr(defaults, f.name)))
+        except TypeError as exc:  # pragma: no cover - every section has defaults
+            raise _fail(path or "spec", str(exc)) from None
+        obj.validate(path)
+        return obj
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready dict (sections nested)."""
+        return _to_jsonable(self)
+
+
+def _to_jsonable(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _to_jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, (list, tuple)):
+        return [_to_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _to_jsonable(v) for k, v in value.items()}
+    return value
+
+
+def _convert(hint: Any, value: Any, path: str) -> Any:
+    """Convert a JSON value to the annotated type, raising ``ConfigError`` on type mismatch."""
+    origin = get_origin(hint)
+    args = get_args(hint)
+    if origin is type(None) or hint is type(None):
+        return value
+    if origin is not None and type(None) in args:  # Optional[X]
+        if value is None:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(inner[0], value, path)
+    if isinstance(hint, type) and issubclass(hint, _Section):
+        return hint.from_dict(value, path)
+    if origin in (list, tuple):
+        if not isinstance(value, list):
+            raise _fail(path, f"expected a list, got {value!r}")
+        item = args[0] if args else Any
+        return [_convert(item, v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise _fail(path, f"expected an object, got {value!r}")
+        return {str(k): _convert(args[1], v, f"{path}.{k}") for k, v in value.items()}
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _fail(path, f"expected a number, got {value!r}")
+        return float(value)
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise _fail(path, f"expected an integer, got {value!r}")
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise _fail(path, f"expected true or false, got {value!r}")
+        return value
+    if hint is str:
+        if not isinstance(value, str):
+            raise _fail(path, f"expected a string, got {value!r}")
+        return value
+    return value
+
+
+@dataclass
+class LoRAConfig(_Section):
+    """LoRA adapters: attached fresh unless ``JobSpec.adapter`` names an existing PEFT adapter."""
+
+    _path: ClassVar[str] = "lora"
+
+    rank: int = 8
+    """LoRA rank r (>= 1); ignored when an existing adapter is given (its own rank is used)."""
+    alpha: float = 16.0
+    """LoRA alpha; the update is scaled by alpha / r (alpha / sqrt(r) with ``use_rslora``)."""
+    dropout: float = 0.0
+    """Dropout on the LoRA input, fraction 0-1. Keep 0 for bit-exact resume."""
+    target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    """Projections that carry LoRA, any of q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj."""
+    use_rslora: bool = False
+    """Rank-stabilised scaling alpha / sqrt(r)."""
+
+    def validate(self, path: str) -> None:
+        _check_int(f"{path}.rank", self.rank, 1)
+        _check_positive(f"{path}.alpha", self.alpha)
+        _check_ratio(f"{path}.dropout", self.dropout, high_open=True)
+        if not isinstance(self.target_modules, list) or not self.target_modules:
+            raise _fail(f"{path}.target_modules", f"expected a non-empty list, got {self.target_modules!r}")
+        for i, name in enumerate(self.target_modules):
+            _check_choice(f"{path}.target_modules[{i}]", name, LORA_TARGETS)
+        if len(set(self.target_modules)) != len(self.target_modules):
+            raise _fail(f"{path}.target_modules", f"duplicate entries in {self.target_modules!r}")
+
+
+@dataclass
+class StructureConfig(_Section):
+    """Which minimally removable structures may be pruned, and how widths are rounded (ALGORITHM.md section 1)."""
+
+    _path: ClassVar[str] = "structures"
+
+    attention: bool = True
+    """Prune attention: whole heads (MHA) or KV groups / equal query heads per KV group (GQA)."""
+    mlp: bool = True
+    """Prune MLP intermediate channels."""
+    hidden: bool = False
+    """Also prune the hidden dimension (not exact: RMSNorm is rescaled). Off by default."""
+    attention_unit: str = "auto"
+    """GQA only: ``kv_group`` removes whole KV groups, ``query_head`` removes the same number of query heads from
+    every KV group, ``auto`` picks the combination whose attention reduction is nearest the budget."""
+    channel_multiple: int = 1
+    """Round the kept MLP width to a multiple of this many channels (8 or 64 help GPU kernels)."""
+    hidden_multiple: int = 8
+    """Round the kept hidden width to a multiple of this many dimensions (only with ``hidden``)."""
+    attention_share: float | None = None
+    """Fraction 0-1 of the removed parameters that should come from attention; ``None`` prunes attention and MLP
+    by the same fraction of their parameters (the usual LLM-Pruner/FLAP setting)."""
+
+    def validate(self, path: str) -> None:
+        for name in ("attention", "mlp", "hidden"):
+            if not isinstance(getattr(self, name), bool):
+                raise _fail(f"{path}.{name}", f"expected true or false, got {getattr(self, name)!r}")
+        if not (self.attention or self.mlp or self.hidden):
+            raise _fail(path, "at least one of attention, mlp, hidden must be true")
+        _check_choice(f"{path}.attention_unit", self.attention_unit, ("auto", "kv_group", "query_head"))
+        _check_int(f"{path}.channel_multiple", self.channel_multiple, 1)
+        _check_int(f"{path}.hidden_multiple", self.hidden_multiple, 1)
+        if self.attention_share is not None:
+            _check_ratio(f"{path}.attention_share", self.attention_share)
+
+
+@dataclass
+class AnalysisConfig(_Section):
+    """Knowledge-distribution analysis (ALGORITHM.md section 2)."""
+
+    _path: ClassVar[str] = "analysis"
+
+    gamma: float = 0.1
+    """Unprunable ratio: fraction 0-1 of each layer's groups (per structure type) with the highest knowledge score
+    that LHSPG may never remove. In the uniform layout every layer keeps the same width, so gamma protects groups
+    inside each layer; the per-layer sensitivity map is still measured and reported."""
+    ablation_fraction: float = 0.5
+    """For the per-layer map: fraction of a layer node group's least salient slices zeroed when probing it."""
+    max_tokens: int = 16384
+    """Tokens of calibration text used for the analysis (split into windows of ``seq_len``)."""
+    seq_len: int = 256
+    """Window length in tokens for the analysis forward passes."""
+
+    def validate(self, path: str) -> None:
+        _check_ratio(f"{path}.gamma", self.gamma, high_open=True)
+        _check_ratio(f"{path}.ablation_fraction", self.ablation_fraction, low_open=True)
+        _check_int(f"{path}.max_tokens", self.max_tokens, 1)
+        _check_int(f"{path}.seq_len", self.seq_len, 8)
+
+
+CRITERIA = ("magnitude", "avg_magnitude", "cosine", "taylor_first_order", "taylor_second_order")
+"""Saliency criteria of LHSPG (ALGORITHM.md section 3)."""
+
+
+@dataclass
+class LHSPGConfig(_Section):
+    """LoRA Half-Space Projected Gradient: progressive structured pruning (ALGORITHM.md section 3)."""
+
+    _path: ClassVar[str] = "lhspg"
+
+    mode: str = "decay"
+    """``decay``: linear ramp of the redundant groups to zero over a period; ``hsp``: half-space projection."""
+    warmup_steps: int = 20
+    """Optimizer steps of plain LoRA training before the first period (T_w)."""
+    periods: int = 4
+    """Number of pruning periods P; each removes about 1/P of every structure type's quota."""
+    period_steps: int = 20
+    """Optimizer steps per period (T)."""
+    lr: float = 1e-3
+    """AdamW learning rate of the LoRA weights."""
+    weight_decay: float = 0.0
+    """AdamW weight decay of the LoRA weights."""
+    batch_size: int = 8
+    """Sequences per optimizer step."""
+    seq_len: int = 128
+    """Tokens per training sequence."""
+    epsilon: float = 0.0
+    """hsp mode: half-space threshold eps in [0, 0.9]."""
+    lambda_init: float = 1e-3
+    """hsp mode: initial group-sparsity strength lambda."""
+    lambda_growth: float = 0.05
+    """hsp mode: lambda grows by this fraction each step, bounded by ``lambda_max``."""
+    lambda_max: float = 1.0
+    """hsp mode: upper bound of lambda."""
+    fold_lora_each_period: bool = False
+    """At each period end, fold s*B*A of kept groups into W and reset B (keeps the LoRA small)."""
+    criteria: dict[str, float] = field(default_factory=lambda: {c: 0.2 for c in CRITERIA})
+    """Saliency criteria and weights; each criterion is normalised by its L2 norm over groups before weighting."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping of the LoRA weights (L2 norm)."""
+
+    def validate(self, path: str) -> None:
+        _check_choice(f"{path}.mode", self.mode, ("decay", "hsp"))
+        _check_int(f"{path}.warmup_steps", self.warmup_steps, 0)
+        _check_int(f"{path}.periods", self.periods, 1)
+        _check_int(f"{path}.period_steps", self.period_steps, 1)
+        _check_positive(f"{path}.lr", self.lr)
+        if not isinstance(self.weight_decay, (int, float)) or self.weight_decay < 0:
+            raise _fail(f"{path}.weight_decay", f"expected a number >= 0, got {self.weight_decay!r}")
+        _check_int(f"{path}.batch_size", self.batch_size, 1)
+        _check_int(f"{path}.seq_len", self.seq_len, 8)
+        _check_ratio(f"{path}.epsilon", self.epsilon)
+        if self.epsilon > 0.9:
+            raise _fail(f"{path}.epsilon", f"expected a value in [0, 0.9], got {self.epsilon!r}")
+        _check_positive(f"{path}.lambda_init", self.lambda_init)
+        if not isinstance(self.lambda_growth, (int, float)) or self.lambda_growth < 0:
+            raise _fail(f"{path}.lambda_growth", f"expected a number >= 0, got {self.lambda_growth!r}")
+        _check_positive(f"{path}.lambda_max", self.lambda_max)
+        if not isinstance(self.criteria, dict) or not self.criteria:
+            raise _fail(f"{path}.criteria", f"expected a non-empty object, got {self.criteria!r}")
+        for name, weight in self.criteria.items():
+            _check_choice(f"{path}.criteria", name, CRITERIA)
+            if not isinstance(weight, (int, float)) or weight < 0:
+                raise _fail(f"{path}.criteria.{name}", f"expected a weight >= 0, got {weight!r}")
+        if sum(self.criteria.values()) <= 0:
+            raise _fail(f"{path}.criteria", "at least one criterion needs a positive weight")
+        _check_positive(f"{path}.max_grad_norm", self.max_grad_norm)
+
+    @property
+    def total_steps(self) -> int:
+        """Warm-up plus all periods, in optimizer steps."""
+        return self.warmup_steps + self.periods * self.period_steps
+
+
+@dataclass
+class DatasetConfig(_Section):
+    """One named sub-dataset for recovery: a text file (paragraphs separated by blank lines) or JSON lines."""
+
+    _path: ClassVar[str] = "dataset"
+
+    name: str = ""
+    """Short label used in logs and the report (e.g. ``wiki``, ``dialogue``)."""
+    train: str = ""
+    """Training file name (relative to the data root); ``.txt`` is plain text, ``.jsonl`` holds ``text`` records
+    or instruction records with ``instruction``, optional ``input`` and ``output``."""
+    validation: str | None = None
+    """Validation file name; when absent the last ``validation_fraction`` of the training records is held out."""
+    validation_fraction: float = 0.1
+    """Fraction 0-1 of records held out when ``validation`` is absent."""
+
+    def validate(self, path: str) -> None:
+        if not isinstance(self.name, str) or not re.match(r"^[A-Za-z0-9_.\-]{1,64}$", self.name):
+            raise _fail(f"{path}.name", f"expected 1-64 letters, digits, '_', '.', '-', got {self.name!r}")
+        if self.train == "" and self.name == "":
+            return  # the default instance used by from_dict
+        check_name(f"{path}.train", self.train)
+        if self.validation is not None:
+            check_name(f"{path}.validation", self.validation)
+        _check_ratio(f"{path}.validation_fraction", self.validation_fraction, low_open=True, high_open=True)
+
+    def __post_init__(self) -> None:  # a blank instance is the from_dict template only
+        if self.name or self.train:
+            self.validate(self._path)
+
+
+def _default_pretrain() -> list[DatasetConfig]:
+    return [
+        DatasetConfig("dialogue", "tinystories/train_dialogue.txt", "tinystories/valid_dialogue.txt"),
+        DatasetConfig("narrative", "tinystories/train_narrative.txt", "tinystories/valid_narrative.txt"),
+    ]
+
+
+def _default_instruct() -> list[DatasetConfig]:
+    return [
+        DatasetConfig("continue", "tinystories/instruct_continue.jsonl"),
+        DatasetConfig("ending", "tinystories/instruct_ending.jsonl"),
+    ]
+
+
+@dataclass
+class DataConfig(_Section):
+    """Text for analysis, pruning and evaluation; file names are relative to the data root."""
+
+    _path: ClassVar[str] = "data"
+
+    calibration: str = "tinystories/calibration.txt"
+    """Held-out text for the knowledge-distribution analysis."""
+    train: list[DatasetConfig] = field(default_factory=_default_pretrain)
+    """Pretraining-style sub-datasets: LHSPG trains on their union; recovery stage 1 re-weights them."""
+    instruct: list[DatasetConfig] = field(default_factory=_default_instruct)
+    """Instruction sub-datasets for recovery stage 2 (may be empty)."""
+    eval: str = "tinystories/eval.txt"
+    """Evaluation text for perplexity; must not be any training file."""
+
+    def validate(self, path: str) -> None:
+        check_name(f"{path}.calibration", self.calibration)
+        check_name(f"{path}.eval", self.eval)
+        if not isinstance(self.train, list) or not self.train:
+            raise _fail(f"{path}.train", "expected at least one pretraining-style dataset")
+        for key in ("train", "instruct"):
+            items = getattr(self, key)
+            if not isinstance(items, list):
+                raise _fail(f"{path}.{key}", f"expected a list, got {items!r}")
+            names = [d.name for d in items]
+            if len(set(names)) != len(names):
+                raise _fail(f"{path}.{key}", f"dataset names must be unique, got {names}")
+            for i, d in enumerate(items):
+                if not isinstance(d, DatasetConfig):
+                    raise _fail(f"{path}.{key}[{i}]", f"expected a dataset object, got {d!r}")
+                d.validate(f"{path}.{key}[{i}]")
+                if d.name == "":
+                    raise _fail(f"{path}.{key}[{i}].name", "a dataset needs a name")
+        training = {d.train for d in self.train + self.instruct}
+        if self.eval in training:
+            raise _fail(f"{path}.eval", f"{self.eval!r} is also a training file; evaluation text must be held out")
+
+
+@dataclass
+class RecoveryConfig(_Section):
+    """Dynamic knowledge recovery (ALGORITHM.md section 5): two stages of LoRA fine-tuning with re-weighted data."""
+
+    _path: ClassVar[str] = "recovery"
+
+    enabled: bool = True
+    """Run recovery at all."""
+    rounds: int = 3
+    """Rounds per stage; mix weights are re-set from the deviation to the dense model at each round start."""
+    steps_per_round: int = 20
+    """Optimizer steps per round."""
+    instruct_rounds: int | None = None
+    """Rounds of stage 2 (defaults to ``rounds``); 0 skips stage 2."""
+    lr: float = 1e-3
+    """AdamW learning rate of the LoRA weights."""
+    batch_size: int = 8
+    """Sequences per optimizer step."""
+    seq_len: int = 128
+    """Tokens per training sequence."""
+    weighting: str = "linear"
+    """``linear``: w_i proportional to max(L_i - L_ref_i, 0); ``exp``: w <- softmax(log w + eta (L - L_ref))."""
+    eta: float = 1.0
+    """Step size of the exponential weighting."""
+    uniform_share: float = 0.1
+    """Fraction 0-1 of the mix spread uniformly so no sub-dataset is starved."""
+    tau: float = 0.0
+    """Stop a stage early once every deviation max(L_i - L_ref_i, 0) is below tau (nats)."""
+    eval_batches: int = 8
+    """Validation batches per sub-dataset when measuring deviations."""
+
+    def validate(self, path: str) -> None:
+        _check_int(f"{path}.rounds", self.rounds, 1)
+        _check_int(f"{path}.steps_per_round", self.steps_per_round, 1)
+        if self.instruct_rounds is not None:
+            _check_int(f"{path}.instruct_rounds", self.instruct_rounds, 0)
+        _check_positive(f"{path}.lr", self.lr)
+        _check_int(f"{path}.batch_size", self.batch_size, 1)
+        _check_int(f"{path}.seq_len", self.seq_len, 8)
+        _check_choice(f"{path}.weighting", self.weighting, ("linear", "exp"))
+        _check_positive(f"{path}.eta", self.eta)
+        _check_ratio(f"{path}.uniform_share", self.uniform_share)
+        if not isinstance(self.tau, (int, float)) or self.tau < 0:
+            raise _fail(f"{path}.tau", f"expected a number >= 0, got {self.tau!r}")
+        _check_int(f"{path}.eval_batches", self.eval_batches, 1)
+
+
+@dataclass
+class EvaluationConfig(_Section):
+    """Perplexity protocol (ALGORITHM.md section 6)."""
+
+    _path: ClassVar[str] = "evaluation"
+
+    window: int = 128
+    """Tokens per window (LLM-Pruner tables use 128; 2048 gives lower numbers for 7B models)."""
+    stride: int | None = None
+    """Tokens between window starts; ``None`` = ``window`` (non-overlapping)."""
+    max_windows: int | None = 64
+    """Evaluate at most this many windows (``None``: the whole text)."""
+    batch_size: int = 8
+    """Windows per forward pass."""
+
+    def validate(self, path: str) -> None:
+        _check_int(f"{path}.window", self.window, 2)
+        if self.stride is not None:
+            _check_int(f"{path}.stride", self.stride, 1)
+            if self.stride > self.window:
+                raise _fail(f"{path}.stride", f"stride {self.stride} exceeds window {self.window}")
+        if self.max_windows is not None:
+            _check_int(f"{path}.max_windows", self.max_windows, 1)
+        _check_int(f"{path}.batch_size", self.batch_size, 1)
+
+
+@dataclass
+class ExportConfig(_Section):
+    """What the job writes (ARCHITECTURE.md, artifacts)."""
+
+    _path: ClassVar[str] = "export"
+
+    merge_lora: bool = True
+    """Merge the LoRA into ``model/``. When false, ``model/`` is the pruned base and ``adapter/`` holds the LoRA."""
+    save_adapter: bool = False
+    """Also save the LoRA as a PEFT adapter (``adapter/``) with the pruned base it fits (``pruned_base/``)."""
+    dtype: str = "float32"
+    """Storage dtype of the exported weights: float32, bfloat16 or float16."""
+    round_widths: bool = True
+    """Apply ``structures.channel_multiple`` rounding when planning quotas."""
+
+    def validate(self, path: str) -> None:
+        _check_choice(f"{path}.dtype", self.dtype, ("float32", "bfloat16", "float16"))
+
+
+@dataclass
+class RuntimeConfig(_Section):
+    """Where and how the job computes."""
+
+    _path: ClassVar[str] = "runtime"
+
+    device: str = "auto"
+    """``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``."""
+    dtype: str = "auto"
+    """Compute dtype: ``auto`` = float32 on CPU, bfloat16 on CUDA. float16 is refused on CPU."""
+    checkpoint_every: int = 25
+    """Write a resumable checkpoint every this many optimizer steps (and at every stage end)."""
+    threads: int | None = None
+    """CPU threads for torch (``None``: torch's default)."""
+
+    def validate(self, path: str) -> None:
+        if not isinstance(self.device, str) or not re.match(r"^(auto|cpu|cuda(:\d+)?)$", self.device):
+            raise _fail(f"{path}.device", f"expected auto, cpu, cuda or cuda:N, got {self.device!r}")
+        _check_choice(f"{path}.dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
+        if self.dtype == "float16" and self.device == "cpu":
+            raise _fail(f"{path}.dtype", "float16 is not supported on CPU; use float32 (or auto)")
+        _check_int(f"{path}.checkpoint_every", self.checkpoint_every, 1)
+        if self.threads is not None:
+            _check_int(f"{path}.threads", self.threads, 1)
+
+
+@dataclass
+class JobSpec(_Section):
+    """A pruning job: the model, how much smaller, and how. Round-trips through JSON (``version`` 1)."""
+
+    _path: ClassVar[str] = ""
+
+    model: str = ""
+    """Model name under the model root: a Hugging Face directory with safetensors, or a ``.gguf`` file."""
+    target_ratio: float = 0.2
+    """Fraction 0-1 of the model's parameters to remove (0.2 = 20% fewer parameters)."""
+    adapter: str | None = None
+    """Existing PEFT LoRA adapter directory (name under the model root); ``None`` attaches a fresh LoRA."""
+    seed: int = 0
+    """Seed of every random choice (data order, LoRA init)."""
+    version: int = SPEC_VERSION
+    """Spec format version."""
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    """LoRA adapters."""
+    structures: StructureConfig = field(default_factory=StructureConfig)
+    """Prunable structures and rounding."""
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
+    """Knowledge-distribution analysis."""
+    lhspg: LHSPGConfig = field(default_factory=LHSPGConfig)
+    """Progressive structured pruning."""
+    recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
+    """Dynamic knowledge recovery."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Data files."""
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    """Perplexity protocol."""
+    export: ExportConfig = field(default_factory=ExportConfig)
+    """Artifacts."""
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    """Device, dtype, checkpoints."""
+
+    def __post_init__(self) -> None:
+        if self.model:
+            self.validate("")
+
+    def validate(self, path: str) -> None:
+        if self.version != SPEC_VERSION:
+            raise _fail("version", f"unsupported spec version {self.version!r}; this library reads {SPEC_VERSION}")
+        check_name("model", self.model)
+        _check_ratio("target_ratio", self.target_ratio, low_open=True, high_open=True)
+        if self.target_ratio > 0.9:
+            raise _fail("target_ratio", f"{self.target_ratio} would remove more than 90% of the model")
+        if self.adapter is not None:
+            check_name("adapter", self.adapter)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
+            raise _fail("seed", f"expected an integer in [0, 2**32), got {self.seed!r}")
+        for sec in ("lora", "structures", "analysis", "lhspg", "recovery", "data", "evaluation", "export", "runtime"):
+            value = getattr(self, sec)
+            expected = get_type_hints(type(self))[sec]
+            if not isinstance(value, expected):
+                raise _fail(sec, f"expected an object, got {value!r}")
+            value.validate(sec)
+        if self.structures.hidden and not self.export.merge_lora:
+            raise _fail("structures.hidden", "hidden-dimension pruning needs export.merge_lora = true")
+
+    @classmethod
+    def from_dict(cls, data: Any, path: str = "") -> JobSpec:
+        """Build and validate a spec from parsed JSON/YAML.
+
+        Raises:
+            ConfigError: naming the first invalid field (dotted path) and the value received.
+        """
+        if not isinstance(data, dict):
+            raise _fail("spec", f"expected a JSON object, got {type(data).__name__}")
+        if "model" not in data:
+            raise _fail("model", "required field missing")
+        data = dict(data)
+        data.setdefault("version", SPEC_VERSION)
+        spec: JobSpec = super().from_dict.__func__(cls, data, "")  # type: ignore[attr-defined]
+        return spec
+
+    @classmethod
+    def from_json(cls, text: str) -> JobSpec:
+        """Parse JSON text. Raises ``ConfigError`` (field ``spec``) on malformed JSON."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise _fail("spec", f"malformed JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+        return cls.from_dict(data)
+
+    def to_json(self) -> str:
+        """Canonical JSON (sorted keys) of the full spec with defaults filled in."""
+        return json.dumps(self.to_dict(), sort_keys=True, indent=2)
+
+
+def load_spec_file(path: str) -> JobSpec:
+    """Read a spec from a JSON or YAML file (YAML needs PyYAML).
+
+    Raises:
+        ConfigError: unreadable file, malformed JSON/YAML, or an invalid field.
+    """
+    try:
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+    except OSError as exc:
+        raise ConfigError(f"cannot read spec file {path!r}: {exc.strerror}", field="spec") from None
+    if path.endswith((".yaml", ".yml")):
+        try:
+            import yaml  # type: ignore[import-untyped]
+        except ImportError:  # pragma: no cover
+            raise ConfigError("YAML specs need PyYAML (pip install pyyaml)", field="spec") from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"malformed YAML in {path!r}: {exc}", field="spec") from None
+        return JobSpec.from_dict(data)
+    return JobSpec.from_json(text)
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Attribute docstrings of a config dataclass, ``{field: text}``, for CLI help and API docs."""
+    try:
+        source = textwrap.dedent(inspect.getsource(cls))
+    except (OSError, TypeError):  # pragma: no cover - source unavailable
+        return {}
+    body = ast.parse(source).body[0]
+    docs: dict[str, str] = {}
+    assert isinstance(body, ast.ClassDef)
+    items = body.body
+    for node, nxt in zip(items, items[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str):
+                docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
