@@ -1,0 +1,182 @@
+"""Loading models and tokenizers, attaching LoRA, naming parameters.
+
+Only local files: a Hugging Face directory with safetensors weights or a GGUF file (transformers' GGUF loader).
+``trust_remote_code`` is never set, and ``.bin``/pickle checkpoints are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lorashear.budget import ModelShape
+from lorashear.config import LoRAConfig
+from lorashear.errors import AdapterMismatchError, ConfigError, UnsupportedModelError
+from lorashear.preflight import check_adapter, read_model_config
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` -> ``cuda`` when available else ``cpu``.
+
+    Raises:
+        ConfigError: CUDA requested but not available.
+    """
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"runtime.device={device!r} but CUDA is not available here", field="runtime.device")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``auto`` -> float32 on CPU, bfloat16 on CUDA (ALGORITHM.md section 7: fp16 on CPU fails).
+
+    Raises:
+        ConfigError: float16 on CPU.
+    """
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype == "float16" and device.type == "cpu":
+        raise ConfigError("runtime.dtype=float16 is not supported on CPU", field="runtime.dtype")
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+
+def _quiet_transformers() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> nn.Module:
+    """Load a LLaMA-family causal LM from a local directory (safetensors) or ``.gguf`` file.
+
+    Args:
+        path: model directory (``config.json`` + ``*.safetensors``) or a ``.gguf`` file.
+        dtype: parameter dtype.
+        device: where to put the weights.
+
+    Returns:
+        The model in eval mode with ``use_cache`` off in its config.
+
+    Raises:
+        UnsupportedModelError: unknown architecture, no safetensors weights, or an unreadable file.
+    """
+    from transformers import AutoModelForCausalLM
+
+    _quiet_transformers()
+    path = Path(path)
+    cfg = read_model_config(path)
+    ModelShape.from_config(cfg)  # raises for unsupported architectures before any weight is read
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": False}
+    if path.suffix == ".gguf":
+        kwargs["gguf_file"] = path.name
+        src = path.parent
+    else:
+        if not any(path.glob("*.safetensors")):
+            raise UnsupportedModelError(
+                f"{path.name} has no .safetensors weights (pickle checkpoints are refused)", field="model"
+            )
+        kwargs["use_safetensors"] = True
+        src = path
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(src), **kwargs)
+    except (OSError, ValueError, KeyError) as exc:
+        raise UnsupportedModelError(f"cannot load {path.name}: {exc}", field="model") from None
+    model.config.use_cache = False
+    return model.to(device).eval()
+
+
+def load_tokenizer(path: str | Path) -> Any:
+    """Load the tokenizer stored with a model directory or GGUF file (never from a hub)."""
+    from transformers import AutoTokenizer
+
+    _quiet_transformers()
+    path = Path(path)
+    if path.suffix == ".gguf":
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False)
+    else:
+        tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token or tok.unk_token
+    tok.padding_side = "right"  # ALGORITHM.md section 7: left padding + SDPA on CPU exploded gradients
+    return tok
+
+
+def model_shape(model: nn.Module) -> ModelShape:
+    """Sizes of a loaded model, from its config."""
+    return ModelShape.from_config(model.config.to_dict())
+
+
+def count_params(model: nn.Module, *, include_lora: bool = False) -> int:
+    """Parameters of the base model (tied weights counted once; LoRA excluded unless asked)."""
+    seen: set[int] = set()
+    total = 0
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if not include_lora and (".lora_A." in name or ".lora_B." in name or "lora_" in name.split(".")[-2:][0]):
+            continue
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+    return total
+
+
+def attach_lora(model: nn.Module, cfg: LoRAConfig, *, adapter: Path | None = None) -> nn.Module:
+    """Wrap ``model`` in a PEFT LoRA model; only the LoRA weights require gradients.
+
+    Args:
+        model: a causal LM from :func:`load_model`.
+        cfg: rank, alpha, dropout, target modules (ignored when ``adapter`` is given).
+        adapter: an existing PEFT LoRA adapter directory to load (trainable).
+
+    Raises:
+        AdapterMismatchError: the adapter does not fit the model (module names or shapes).
+    """
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    if adapter is not None:
+        check_adapter(adapter, model_shape(model))
+        try:
+            peft_model = PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise AdapterMismatchError(f"adapter does not fit the model: {exc}", field="adapter") from None
+    else:
+        peft_model = get_peft_model(
+            model,
+            LoraConfig(
+                r=cfg.rank,
+                lora_alpha=cfg.alpha,
+                lora_dropout=cfg.dropout,
+                target_modules=list(cfg.target_modules),
+                use_rslora=cfg.use_rslora,
+                bias="none",
+                task_type="CAUSAL_LM",
+            ),
+        )
+    for name, p in peft_model.named_parameters():
+        p.requires_grad_(".lora_A." in name or ".lora_B." in name)
+    return peft_model
+
+
+def base_name(name: str) -> str:
+    """Name of a parameter or module in the plain (merged) model: strips PEFT's wrappers.
+
+    ``base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight`` ->
+    ``model.layers.0.self_attn.q_proj.weight``.
+    """
+    if name.startswith("base_model.model."):
+        name = name[len("base_model.model.") :]
+    return name.replace(".base_layer", "")
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write JSON with a trailing newline (sorted keys for stable diffs)."""
+    path.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
