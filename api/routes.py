@@ -1,0 +1,211 @@
+"""Routes of ``/v1/jobs`` and the health probes: thin wrappers around :class:`jobs.service.JobService`."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from api.deps import DispatcherDep, ServiceDep, SessionDep, SettingsDep
+from api.sse import event_stream
+from jobs.artifacts import iter_file, iter_tar, tar_size
+from jobs.db import ping
+from jobs.errors import InvalidSpec
+from jobs.schemas import (
+    ArtifactList,
+    ErrorResponse,
+    EventList,
+    Health,
+    JobList,
+    JobOut,
+    JobSpecIn,
+    MetricPointOut,
+)
+from jobs.service import job_out
+from jobs.states import JobStatus
+
+log = logging.getLogger("api")
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorResponse, "description": "Missing or unknown API key"},
+    404: {"model": ErrorResponse, "description": "No such job or artifact"},
+    422: {"model": ErrorResponse, "description": "Invalid request; `field` names the culprit"},
+}
+
+router = APIRouter(prefix="/v1", tags=["jobs"], responses=ERRORS)
+health = APIRouter(tags=["health"])
+
+
+@router.post(
+    "/jobs",
+    response_model=JobOut,
+    status_code=201,
+    responses={
+        200: {"model": JobOut, "description": "Replay of an earlier request with the same Idempotency-Key"},
+        409: {"model": ErrorResponse, "description": "Idempotency-Key reused with a different body"},
+    },
+)
+async def create_job(
+    spec: JobSpecIn,
+    request: Request,
+    response: Response,
+    service: ServiceDep,
+    session: SessionDep,
+    dispatcher: DispatcherDep,
+    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
+) -> JobOut:
+    """Submit a pruning job. The spec is validated (schema, library config, pre-flight) before anything is
+    queued; the job is committed as ``queued`` and only then sent to a worker, by task name, with its id."""
+    body = await request.json()
+    if not isinstance(body, dict):  # pragma: no cover - the schema already requires an object
+        raise InvalidSpec("the request body must be a JSON object", field="body")
+
+    def _create() -> tuple[JobOut, bool, str]:
+        job, created = service.create(body, idempotency_key)
+        session.commit()
+        return job_out(job), created, job.id
+
+    out, created, job_id = await run_in_threadpool(_create)
+    if created:
+        try:
+            await run_in_threadpool(dispatcher.send, job_id)
+        except Exception:  # the job stays queued; the reconciler re-sends it
+            log.exception("could not send job %s to the broker; the reconciler will retry", job_id)
+    response.status_code = 201 if created else 200
+    response.headers["Location"] = f"/v1/jobs/{job_id}"
+    return out
+
+
+@router.get("/jobs", response_model=JobList)
+def list_jobs(
+    service: ServiceDep,
+    status: Annotated[JobStatus | None, Query(description="Only jobs in this state")] = None,
+    after: Annotated[str | None, Query(description="Cursor: `next_cursor` of the previous page")] = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+) -> JobList:
+    """List your jobs, newest first, with cursor pagination."""
+    return service.list(status=status, after=after, limit=limit)
+
+
+@router.get("/jobs/{job_id}", response_model=JobOut)
+def get_job(job_id: str, service: ServiceDep) -> JobOut:
+    """One job: state, stage, progress, spec, times, error, summary metrics and artifacts."""
+    return job_out(service.get(job_id))
+
+
+@router.post("/jobs/{job_id}/cancel", response_model=JobOut, responses={409: {"model": ErrorResponse}})
+def cancel_job(job_id: str, service: ServiceDep, session: SessionDep) -> JobOut:
+    """Cancel a job: a queued job at once; a running one stops within one pipeline step (``cancel_requested``
+    shows it is on its way). Cancelling a cancelled job is a no-op; a finished one answers 409."""
+    job = service.cancel(job_id)
+    session.commit()
+    return job_out(job)
+
+
+@router.get(
+    "/jobs/{job_id}/events",
+    response_model=EventList,
+    responses={200: {"content": {"text/event-stream": {}}, "description": "A page of events, or an SSE stream"}},
+)
+async def list_events(
+    job_id: str,
+    request: Request,
+    service: ServiceDep,
+    settings: SettingsDep,
+    after: Annotated[int, Query(ge=0, description="Return events with id > after")] = 0,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    stream: Annotated[bool, Query(description="Server-Sent Events (same as Accept: text/event-stream)")] = False,
+    last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
+):
+    """A job's progress events, oldest first; with ``Accept: text/event-stream`` or ``stream=true`` a Server-Sent
+    Events stream that follows the job until it ends (``event: end``). ``Last-Event-ID`` resumes a stream."""
+    wants_sse = stream or "text/event-stream" in request.headers.get("accept", "")
+    if not wants_sse:
+        return await run_in_threadpool(service.events, job_id, after=after, limit=limit)
+    await run_in_threadpool(service.get, job_id)  # 404 before the stream starts
+    start = after
+    if last_event_id and last_event_id.isdigit():
+        start = max(start, int(last_event_id))
+    return StreamingResponse(
+        event_stream(request, request.app.state.sessions, settings, service.owner, job_id, start),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+@router.get("/jobs/{job_id}/metrics", response_model=dict[str, list[MetricPointOut]])
+def get_metrics(
+    job_id: str,
+    service: ServiceDep,
+    name: Annotated[list[str] | None, Query(description="Only these series (repeatable)")] = None,
+) -> dict[str, list[MetricPointOut]]:
+    """Metric series of a job, ``{name: [{step, value, time}]}`` (e.g. ``lhspg/loss``, ``recover/loss``)."""
+    return service.metrics(job_id, name or ())
+
+
+@router.get("/jobs/{job_id}/artifacts", response_model=ArtifactList)
+def list_artifacts(job_id: str, service: ServiceDep) -> ArtifactList:
+    """Artifacts of a finished job: ``model`` (directory), ``plan`` and ``report`` (files), optionally
+    ``adapter`` and ``pruned_base`` (directories)."""
+    return ArtifactList(data=service.artifacts(job_id))
+
+
+@router.get(
+    "/jobs/{job_id}/artifacts/{artifact_id}/content",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"application/octet-stream": {}, "application/x-tar": {}}}},
+)
+def download_artifact(
+    job_id: str,
+    artifact_id: str,
+    service: ServiceDep,
+    path: Annotated[str | None, Query(description="One file of a directory artifact (a manifest path)")] = None,
+) -> StreamingResponse:
+    """Download an artifact: a file as is; a directory as an uncompressed tar (entries under ``<name>/``), or
+    one of its files with ``?path=`` (only paths listed in the artifact's manifest are served)."""
+    d = service.download(job_id, artifact_id, path)
+    if d.tar_entries is not None:
+        return StreamingResponse(
+            iter_tar(d.tar_entries),
+            media_type="application/x-tar",
+            headers={
+                "Content-Disposition": f'attachment; filename="{d.filename}"',
+                "Content-Length": str(tar_size(d.tar_entries)),
+            },
+        )
+    assert d.path is not None
+    return StreamingResponse(
+        iter_file(d.path),
+        media_type="application/json" if d.filename.endswith(".json") else "application/octet-stream",
+        headers={"Content-Disposition": f'attachment; filename="{d.filename}"', "Content-Length": str(d.size)},
+    )
+
+
+@health.get("/healthz", response_model=Health)
+def healthz() -> Health:
+    """Liveness: the process answers."""
+    return Health(status="ok")
+
+
+@health.get("/readyz", response_model=Health, responses={503: {"model": Health}})
+def readyz(request: Request, session: SessionDep, dispatcher: DispatcherDep, settings: SettingsDep):
+    """Readiness: the database answers ``SELECT 1`` and the broker answers ``PING`` (embedded: the worker thread
+    is alive)."""
+    checks: dict[str, str] = {}
+    try:
+        ping(session.get_bind())  # type: ignore[arg-type]
+        checks["database"] = "ok"
+    except Exception as exc:
+        checks["database"] = f"unavailable ({type(exc).__name__})"
+    try:
+        dispatcher.ping()
+        checks["broker" if not settings.embedded else "worker"] = "ok"
+    except Exception as exc:
+        checks["broker" if not settings.embedded else "worker"] = f"unavailable ({type(exc).__name__})"
+    ok = all(v == "ok" for v in checks.values())
+    body = Health(status="ok" if ok else "unavailable", checks=checks)
+    return JSONResponse(status_code=200 if ok else 503, content=json.loads(body.model_dump_json()))
