@@ -173,6 +173,9 @@ def plan_quotas(shape: ModelShape, target_ratio: float, structures: StructureCon
                     continue
                 if unit == "query_head" and rep > 1 and kv_rm:
                     continue
+                heads = (s.num_kv_heads - kv_rm) * (rep - q_rm)
+                if s.model_type == "llama" and (s.qkv_bias or s.mlp_bias) and s.hidden_size % heads:
+                    continue  # stock LlamaConfig needs heads | hidden; bias-free Llamas export as Mistral instead
                 attn_opts.append((kv_rm, q_rm))
     m = structures.channel_multiple
     inter = s.intermediate_size

@@ -99,6 +99,7 @@ class Structures:
     shape: ModelShape
     spaces: dict[str, int]
     checks: list[str]
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
     def by_key(self) -> dict[str, StructureSet]:
         """Sets by :attr:`StructureSet.key`."""
@@ -266,7 +267,8 @@ def _build(
     for layer, sp in enumerate(mlp_spaces):
         sets.append(_mlp_set(model, units, sp, shape, layer, mlp, probe_ids, params, gen, checks))
     sets.append(_hidden_set(model, units, hidden_spaces[0], shape, hidden, probe_ids, params, gen, checks))
-    return Structures(sets, shape, counts, checks)
+    used = {sl.param for s in sets for sl in s.slices}
+    return Structures(sets, shape, counts, checks, {n: tuple(params[n].shape) for n in used})
 
 
 def _split(units: dict[str, Unit], sp: Space) -> tuple[list[Unit], dict[str, Unit], list[Unit], dict[str, Unit]]:
