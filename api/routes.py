@@ -115,6 +115,7 @@ async def list_events(
     job_id: str,
     request: Request,
     service: ServiceDep,
+    session: SessionDep,
     settings: SettingsDep,
     after: Annotated[int, Query(ge=0, description="Return events with id > after")] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
@@ -127,6 +128,7 @@ async def list_events(
     if not wants_sse:
         return await run_in_threadpool(service.events, job_id, after=after, limit=limit)
     await run_in_threadpool(service.get, job_id)  # 404 before the stream starts
+    await run_in_threadpool(session.close)  # hold no transaction while streaming (SQLite: no lock)
     start = after
     if last_event_id and last_event_id.isdigit():
         start = max(start, int(last_event_id))
@@ -163,11 +165,13 @@ def download_artifact(
     job_id: str,
     artifact_id: str,
     service: ServiceDep,
+    session: SessionDep,
     path: Annotated[str | None, Query(description="One file of a directory artifact (a manifest path)")] = None,
 ) -> StreamingResponse:
     """Download an artifact: a file as is; a directory as an uncompressed tar (entries under ``<name>/``), or
     one of its files with ``?path=`` (only paths listed in the artifact's manifest are served)."""
     d = service.download(job_id, artifact_id, path)
+    session.close()  # hold no transaction while streaming (SQLite: no lock)
     if d.tar_entries is not None:
         return StreamingResponse(
             iter_tar(d.tar_entries),

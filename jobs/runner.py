@@ -261,9 +261,8 @@ def run_job(job_id: str, *, settings: Settings | None = None) -> Outcome:
 
 
 def _execute(settings: Settings, job_id: str, spec_dict: dict[str, Any], run: _Attempt) -> Any:
-    from lorashear.pipeline import run as run_pipeline
-
     from lorashear.config import JobSpec
+    from lorashear.pipeline import run as run_pipeline
 
     spec = JobSpec.from_dict(spec_dict)
     output_dir = settings.artifacts_dir / job_id
