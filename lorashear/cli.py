@@ -1,0 +1,262 @@
+"""``lorashear`` command line: run a job spec, inspect a model's structures, measure perplexity, serve the API.
+
+Examples::
+
+    lorashear run examples/stories260k-20.json              # the whole pipeline, artifacts under runs/
+    lorashear inspect stories260K --target-ratio 0.2         # structures and per-type quotas
+    lorashear eval runs/stories260k-20/model --data lorashear/assets/data/tinystories/eval.txt
+    lorashear serve                                          # HTTP API, SQLite + in-process worker
+    lorashear demo                                           # serve, submit a job over HTTP, follow it
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+from lorashear.config import JobSpec, StructureConfig, field_docs, load_spec_file
+from lorashear.errors import Cancelled, ConfigError, LoRAShearError
+from lorashear.events import STAGES, Event
+from lorashear.resolve import BUNDLED_DATA_ROOT, BUNDLED_MODEL_ROOT, Roots
+
+
+def _model_path(arg: str) -> Path:
+    p = Path(arg)
+    if p.exists():
+        return p.resolve()
+    bundled = BUNDLED_MODEL_ROOT / arg
+    if bundled.exists():
+        return bundled
+    raise ConfigError(f"no model at {arg!r} (a directory with config.json, a .gguf file, or a bundled name)",
+                         field="model")
+
+
+class _Progress:
+    """tqdm bar per stage: stage name, step/total, rate and ETA; log lines above the bar."""
+
+    def __init__(self, quiet: bool) -> None:
+        from tqdm import tqdm
+
+        self.tqdm = tqdm
+        self.bar: Any = None
+        self.quiet = quiet
+
+    def __call__(self, e: Event) -> None:
+        if self.quiet:
+            return
+        if e.kind == "stage_start":
+            self.close()
+            n = STAGES.index(e.stage) + 1 if e.stage in STAGES else 0
+            self.bar = self.tqdm(total=e.total or None, desc=f"[{n}/{len(STAGES)}] {e.stage}", unit="step",
+                                 dynamic_ncols=True, leave=True, file=sys.stderr, mininterval=0.5)
+            if e.message:
+                self.bar.write(f"{e.stage}: {e.message}", file=sys.stderr)
+        elif e.kind == "progress" and self.bar is not None:
+            if e.total:
+                self.bar.total = e.total
+            if e.metrics:
+                self.bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in list(e.metrics.items())[:2]},
+                                     refresh=False)
+            self.bar.update(max(0, e.step - self.bar.n))  # honours tqdm's refresh interval
+        elif e.kind in ("log", "stage_end"):
+            if e.kind == "stage_end" and self.bar is not None:
+                self.bar.update(max(0, e.step - self.bar.n))
+            (self.bar.write if self.bar is not None else print)(f"{e.stage}: {e.message}", file=sys.stderr)
+            if e.kind == "stage_end":
+                self.close()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from lorashear.pipeline import run
+
+    spec = load_spec_file(args.spec)
+    out = Path(args.output) if args.output else Path("runs") / Path(args.spec).stem
+    roots = Roots(Path(args.model_root) if args.model_root else Roots.from_env().model_root,
+                  Path(args.data_root) if args.data_root else Roots.from_env().data_root)
+    progress = _Progress(args.quiet)
+    t0 = time.time()
+    try:
+        result = run(spec, out, roots=roots, work_dir=args.work_dir, on_event=progress)
+    finally:
+        progress.close()
+    s = result.summary
+    print(f"\nLoRAShear finished in {time.time() - t0:.0f} s: {spec.model} pruned by {s['compression_ratio']:.1%}")
+    print(f"  parameters   {s['params_before']:,} -> {s['params_after']:,} (target {s['params_target']:,} "
+          f"+/- {s['params_tolerance']:,})")
+    proto = result.report["perplexity"]["protocol"]
+    print(f"  perplexity   dense {s['ppl_dense']:.3f} | pruned {s['ppl_pruned']:.3f} | recovered "
+          f"{s['ppl_recovered']:.3f}  ({proto['dataset']}, window {proto['window']}, stride {proto['stride']})")
+    print(f"  exactness    max |logit diff| sliced vs group-sparse {s['max_abs_logit_diff']:.2e}")
+    sample = result.report.get("sample") or {}
+    if sample:
+        print(f"  sample       {sample['text'][:160]!r}")
+    for name, path in result.artifacts.items():
+        print(f"  {name:<12} {path}")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    import torch
+
+    from lorashear.budget import plan_quotas
+    from lorashear.config import LoRAConfig
+    from lorashear.graph import discover
+    from lorashear.modeling import attach_lora, load_model, model_shape
+
+    path = _model_path(args.model)
+    model = load_model(path)
+    shape = model_shape(model)
+    if args.adapter:
+        model = attach_lora(model, LoRAConfig(), adapter=Path(args.adapter))
+    else:
+        model = attach_lora(model, LoRAConfig(rank=args.lora_rank))
+    structures = StructureConfig(attention=not args.no_attention, mlp=not args.no_mlp, hidden=args.hidden,
+                                 attention_unit=args.attention_unit, channel_multiple=args.channel_multiple)
+    st = discover(model, shape=shape, attention=structures.attention, mlp=structures.mlp, hidden=structures.hidden)
+    print(f"{path.name}: {shape.model_type}, {shape.num_layers} layers, hidden {shape.hidden_size}, "
+          f"{shape.num_heads} heads / {shape.num_kv_heads} KV heads (n_rep {shape.n_rep}), head_dim {shape.head_dim}, "
+          f"intermediate {shape.intermediate_size}, {shape.total_params:,} parameters")
+    print(f"traced channel spaces: {st.spaces} (LoRA rank spaces are never pruned)\n")
+    print(f"{'structure':<16}{'layer':>6}{'groups':>8}{'params/group':>14}  prunable")
+    for r in st.summary():
+        layer = "all" if r["layer"] is None else r["layer"]
+        print(f"{r['kind']:<16}{layer:>6}{r['groups']:>8}{r['params_per_group']:>14,}  {'yes' if r['prunable'] else 'no'}")
+    print("\nprobe checks:")
+    for c in st.checks:
+        print(f"  {c}")
+    if args.target_ratio is not None:
+        q = plan_quotas(shape, args.target_ratio, structures, args.gamma)
+        print(f"\ntarget {args.target_ratio:.0%} of parameters (gamma {args.gamma}): remove per layer "
+              f"{q.kv_groups} {'KV groups' if shape.n_rep > 1 else 'heads'}, {q.query_heads_per_group} query heads "
+              f"per KV group, {q.channels} MLP channels; {q.hidden} hidden dims")
+        print(f"  kept sizes {q.kept}")
+        print(f"  parameters {q.params_before:,} -> {q.params_after:,} (target {q.params_target:,}, "
+              f"one budget step = {2 * q.tolerance:,})")
+    del torch
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from lorashear.data import TokenStream, read_text
+    from lorashear.evaluation import perplexity
+    from lorashear.modeling import load_model, load_tokenizer, resolve_device
+
+    path = _model_path(args.model)
+    device = resolve_device(args.device)
+    model = load_model(path, device=device)
+    tok = load_tokenizer(path)
+    stream = TokenStream.from_text(read_text(Path(args.data), "data"), tok)
+    p = perplexity(model, stream, window=args.window, stride=args.stride, max_windows=args.max_windows,
+                   batch_size=args.batch_size, dataset=str(args.data))
+    if args.json:
+        print(json.dumps(p.to_dict()))
+    else:
+        print(f"perplexity {p.perplexity:.4f} (nll {p.nll:.4f} nats/token) on {args.data}: window {p.window}, "
+              f"stride {p.stride}, {p.windows} windows, {p.tokens:,} tokens scored, tokenizer of {path.name}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from api.embedded import serve  # the service is optional: pip install -e '.[service]'
+
+    serve(host=args.host, port=args.port)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from api.embedded import demo
+
+    return int(demo() or 0)
+
+
+def cmd_spec(args: argparse.Namespace) -> int:
+    spec = JobSpec.from_dict({"model": args.model, "target_ratio": args.target_ratio})
+    print(spec.to_json())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lorashear", description="LoRAShear structured pruning and knowledge recovery")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="run the whole pipeline from a job spec (JSON or YAML)")
+    r.add_argument("spec", help="job spec file; see `lorashear spec` for every field with its default")
+    r.add_argument("--output", "-o", help="artifact directory (must not exist; default runs/<spec name>)")
+    r.add_argument("--work-dir", help="checkpoint directory (default <output>.work); rerun to resume")
+    r.add_argument("--model-root", help=f"where spec model names resolve (default {BUNDLED_MODEL_ROOT})")
+    r.add_argument("--data-root", help=f"where spec data names resolve (default {BUNDLED_DATA_ROOT})")
+    r.add_argument("--quiet", "-q", action="store_true", help="no progress output")
+    r.set_defaults(func=cmd_run)
+
+    docs = field_docs(StructureConfig)
+    i = sub.add_parser("inspect", help="print the minimally removable structures and per-type quotas")
+    i.add_argument("model", help="model directory, .gguf file, or bundled name (stories260K)")
+    i.add_argument("--adapter", help="existing PEFT LoRA adapter directory")
+    i.add_argument("--lora-rank", type=int, default=8)
+    i.add_argument("--target-ratio", type=float, default=0.2, help="fraction 0-1 of parameters to remove")
+    i.add_argument("--gamma", type=float, default=0.1, help="unprunable ratio, fraction 0-1")
+    i.add_argument("--attention-unit", default="auto", choices=("auto", "kv_group", "query_head"),
+                   help=docs.get("attention_unit"))
+    i.add_argument("--channel-multiple", type=int, default=1, help=docs.get("channel_multiple"))
+    i.add_argument("--hidden", action="store_true", help=docs.get("hidden"))
+    i.add_argument("--no-attention", action="store_true")
+    i.add_argument("--no-mlp", action="store_true")
+    i.set_defaults(func=cmd_inspect)
+
+    e = sub.add_parser("eval", help="perplexity of a model on a text file, with its protocol")
+    e.add_argument("model", help="model directory, .gguf file, or bundled name")
+    e.add_argument("--data", required=True, help="text file (paragraphs separated by blank lines)")
+    e.add_argument("--window", type=int, default=128, help="tokens per window")
+    e.add_argument("--stride", type=int, default=None, help="tokens between windows (default: window)")
+    e.add_argument("--max-windows", type=int, default=None)
+    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--device", default="auto")
+    e.add_argument("--json", action="store_true", help="print the result as JSON")
+    e.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("spec", help="print a full spec with every default filled in")
+    s.add_argument("--model", default="stories260K")
+    s.add_argument("--target-ratio", type=float, default=0.2)
+    s.set_defaults(func=cmd_spec)
+
+    sv = sub.add_parser("serve", help="HTTP API with SQLite and an in-process worker (embedded default)")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.set_defaults(func=cmd_serve)
+
+    d = sub.add_parser("demo", help="start the embedded service, submit a real job over HTTP and follow it")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``lorashear`` console script. Exit codes: 0 ok, 2 bad input, 1 internal error, 130
+    cancelled."""
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except Cancelled:
+        print("cancelled; rerun the same command to resume from the checkpoint", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("\ninterrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
+        return 130
+    except LoRAShearError as exc:
+        where = f" [{exc.field}]" if exc.field else ""
+        print(f"error{where}: {exc.message}", file=sys.stderr)
+        return 2 if exc.user_error else 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
