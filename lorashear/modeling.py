@@ -77,8 +77,16 @@ def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32, device: 
     ModelShape.from_config(cfg)  # raises for unsupported architectures before any weight is read
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": False}
     if path.suffix == ".gguf":
+        from transformers import AutoConfig
+
         kwargs["gguf_file"] = path.name
         src = path.parent
+        config = AutoConfig.from_pretrained(str(src), gguf_file=path.name, trust_remote_code=False)
+        for key in ("pad_token_id", "bos_token_id", "eos_token_id"):  # llama.cpp writes -1 as 2**32 - 1
+            value = getattr(config, key, None)
+            if isinstance(value, int) and not 0 <= value < config.vocab_size:
+                setattr(config, key, None)
+        kwargs["config"] = config
     else:
         if not any(path.glob("*.safetensors")):
             raise UnsupportedModelError(
@@ -101,7 +109,16 @@ def load_tokenizer(path: str | Path) -> Any:
     _quiet_transformers()
     path = Path(path)
     if path.suffix == ".gguf":
-        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False)
+        try:
+            tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False)
+        except (IndexError, KeyError, ValueError, OSError) as exc:
+            # some GGUF writers store -1 token ids; a Hugging Face tokenizer beside the file is used instead
+            if not (path.parent / "tokenizer.json").is_file() and not (path.parent / "tokenizer.model").is_file():
+                raise UnsupportedModelError(
+                    f"cannot read the tokenizer embedded in {path.name} ({exc!r}) and there is no tokenizer.json "
+                    "beside it", field="model",
+                ) from None
+            tok = AutoTokenizer.from_pretrained(str(path.parent), trust_remote_code=False)
     else:
         tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
     if tok.pad_token_id is None:
