@@ -26,6 +26,8 @@ def _field(loc: tuple | list) -> str | None:
     out = ""
     for p in parts:
         out += f"[{p}]" if p.isdigit() else (f".{p}" if out else p)
+    if not out and loc and loc[0] == "body":
+        return "body"
     return out or None
 
 
