@@ -23,6 +23,7 @@ folded into ``W`` and ``B`` reset (``fold_lora_each_period``).
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -238,7 +239,7 @@ class LHSPG:
             "active": {k: list(v) for k, v in self.active.items()},
             "lambdas": {k: v.tolist() for k, v in self.lambdas.items()},
             "history": self.history,
-            "inner": self.inner.state_dict(),
+            "inner": copy.deepcopy(self.inner.state_dict()),  # torch's load_state_dict may alias tensors
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
