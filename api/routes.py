@@ -88,7 +88,7 @@ def list_jobs(
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
 ) -> JobList:
     """List your jobs, newest first, with cursor pagination."""
-    return service.list(status=status, after=after, limit=limit)
+    return service.list_jobs(status=status, after=after, limit=limit)
 
 
 @router.get("/jobs/{job_id}", response_model=JobOut)

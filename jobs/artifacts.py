@@ -57,7 +57,7 @@ def describe(path: Path, root: Path) -> Described:
         return Described("file", rel, path.stat().st_size, sha256_file(path), None)
     if not path.is_dir():
         raise ValueError(f"artifact {path} is neither a file nor a directory")
-    files = []
+    files: list[dict[str, Any]] = []
     for dirpath, dirnames, filenames in os.walk(path):
         dirnames.sort()
         for name in sorted(filenames):
@@ -69,7 +69,7 @@ def describe(path: Path, root: Path) -> Described:
             )
     manifest = "".join(f"{f['sha256']}  {f['path']}\n" for f in files)
     return Described(
-        "directory", rel, sum(f["size"] for f in files), hashlib.sha256(manifest.encode()).hexdigest(), files
+        "directory", rel, sum(int(f["size"]) for f in files), hashlib.sha256(manifest.encode()).hexdigest(), files
     )
 
 

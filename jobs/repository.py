@@ -29,6 +29,11 @@ def new_artifact_id() -> str:
     return f"art_{uuid.uuid4().hex}"
 
 
+def _changed(result: Any) -> int:
+    """Rows an UPDATE changed (a ``CursorResult``'s ``rowcount``)."""
+    return int(result.rowcount)
+
+
 class BadCursor(ValueError):
     """A pagination cursor that this service did not issue."""
 
@@ -83,7 +88,7 @@ class JobRepository:
         """The job an owner created with this ``Idempotency-Key``."""
         return self.session.scalars(select(Job).where(Job.owner == owner, Job.idempotency_key == key)).one_or_none()
 
-    def list(
+    def list_page(
         self, owner: str, *, status: JobStatus | None = None, after: tuple[datetime, str] | None = None, limit: int = 20
     ) -> tuple[list[Job], bool]:
         """A page of an owner's jobs, newest first, strictly after the cursor position; returns (jobs, has_more)."""
@@ -108,14 +113,14 @@ class JobRepository:
             .where(Job.id == job_id, Job.status == JobStatus.QUEUED.value)
             .values(status=JobStatus.CANCELLED.value, cancel_requested=True, finished_at=now)
         )
-        return res.rowcount == 1
+        return _changed(res) == 1
 
     def request_cancel(self, job_id: str) -> bool:
         """Set the cancel flag of a running job (the worker stops within one step); guarded by ``running``."""
         res = self.session.execute(
             update(Job).where(Job.id == job_id, Job.status == JobStatus.RUNNING.value).values(cancel_requested=True)
         )
-        return res.rowcount == 1
+        return _changed(res) == 1
 
     def cancel_requested(self, job_id: str) -> bool:
         """The job's cancel flag."""
@@ -142,7 +147,7 @@ class JobRepository:
                 started_at=func.coalesce(Job.started_at, now),
             )
         )
-        return res.rowcount == 1
+        return _changed(res) == 1
 
     def heartbeat(self, job_id: str, worker: str, now: datetime) -> bool:
         """Refresh the heartbeat; ``False`` when this worker no longer holds the job."""
@@ -151,7 +156,7 @@ class JobRepository:
             .where(Job.id == job_id, Job.worker == worker, Job.status == JobStatus.RUNNING.value)
             .values(heartbeat_at=now)
         )
-        return res.rowcount == 1
+        return _changed(res) == 1
 
     def set_progress(self, job_id: str, worker: str, *, stage: str, step: int, total: int, fraction: float) -> bool:
         """Record progress; ``False`` when this worker no longer holds the job."""
@@ -160,7 +165,7 @@ class JobRepository:
             .where(Job.id == job_id, Job.worker == worker, Job.status == JobStatus.RUNNING.value)
             .values(stage=stage, step=step, total=total, fraction=fraction)
         )
-        return res.rowcount == 1
+        return _changed(res) == 1
 
     def finish(
         self,
@@ -191,7 +196,7 @@ class JobRepository:
             .where(Job.id == job_id, Job.worker == worker, Job.status == JobStatus.RUNNING.value)
             .values(**values)
         )
-        return res.rowcount == 1
+        return _changed(res) == 1
 
     # ---- reconciliation ------------------------------------------------------------------------------------------
 
@@ -217,7 +222,7 @@ class JobRepository:
             .where(Job.id == job_id, Job.status == JobStatus.RUNNING.value, Job.heartbeat_at < stale_before)
             .values(**values)
         )
-        return res.rowcount == 1
+        return _changed(res) == 1
 
     def queued_before(self, before: datetime | None) -> Sequence[str]:
         """Ids of queued jobs last sent to the broker before ``before`` (all queued jobs when ``None``)."""

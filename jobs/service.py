@@ -158,7 +158,7 @@ class JobService:
             raise NotFound(f"no job {job_id!r}", field="job_id")
         return job
 
-    def list(self, *, status: JobStatus | None, after: str | None, limit: int) -> JobList:
+    def list_jobs(self, *, status: JobStatus | None, after: str | None, limit: int) -> JobList:
         """A page of jobs, newest first.
 
         Raises:
@@ -170,7 +170,7 @@ class JobService:
             position = decode_cursor(after) if after else None
         except BadCursor:
             raise InvalidSpec("invalid cursor", field="after", code="invalid_request") from None
-        jobs, more = self.repo.list(self.owner, status=status, after=position, limit=limit)
+        jobs, more = self.repo.list_page(self.owner, status=status, after=position, limit=limit)
         cursor = encode_cursor(jobs[-1].created_at, jobs[-1].id) if more and jobs else None
         return JobList(data=[job_out(j) for j in jobs], has_more=more, next_cursor=cursor)
 
