@@ -37,19 +37,29 @@ def read_text(path: Path, field: str = "data") -> str:
 
 
 def read_records(path: Path, field: str = "data") -> list[dict[str, str]]:
-    """Records of a ``.jsonl`` file (``text`` or ``instruction``/``input``/``output``), or one per paragraph of a
-    text file (``{"text": paragraph}``).
+    """Records of a ``.jsonl`` file or a ``.json`` array (``text`` or ``instruction``/``input``/``output``), or one
+    per paragraph of a text file (``{"text": paragraph}``).
 
     Raises:
         DataError: malformed JSON, a record without ``text`` or ``instruction``+``output``, or no records.
     """
-    if path.suffix != ".jsonl":
+    if path.suffix not in (".jsonl", ".json"):
         return [{"text": p} for p in read_text(path, field).split("\n")]
     rows: list[dict[str, str]] = []
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        raw = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"{field}: cannot read {path.name}: {exc}", field=field) from None
+    if path.suffix == ".json":  # one JSON array of records (the Alpaca release format)
+        try:
+            items = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{field}: {path.name}: malformed JSON ({exc.msg})", field=field) from None
+        if not isinstance(items, list):
+            raise DataError(f"{field}: {path.name}: expected a JSON array of records", field=field)
+        lines = [json.dumps(x) for x in items]
+    else:
+        lines = raw.splitlines()
     for i, line in enumerate(lines, 1):
         if not line.strip():
             continue
