@@ -36,10 +36,21 @@ def spec(ratio: float, args: argparse.Namespace) -> dict:
         "seed": 0,
         "lora": {"rank": 8, "alpha": 16},
         "analysis": {"max_tokens": args.calib_tokens, "seq_len": 128},
-        "lhspg": {"warmup_steps": args.warmup, "periods": args.periods, "period_steps": args.period_steps,
-                  "batch_size": 4, "seq_len": 128, "lr": 1e-3},
-        "recovery": {"rounds": args.rounds, "steps_per_round": args.round_steps, "batch_size": 4, "seq_len": 128,
-                     "eval_batches": 2},
+        "lhspg": {
+            "warmup_steps": args.warmup,
+            "periods": args.periods,
+            "period_steps": args.period_steps,
+            "batch_size": 4,
+            "seq_len": 128,
+            "lr": 1e-3,
+        },
+        "recovery": {
+            "rounds": args.rounds,
+            "steps_per_round": args.round_steps,
+            "batch_size": 4,
+            "seq_len": 128,
+            "eval_batches": 2,
+        },
         "data": {
             "calibration": "wikitext-2/wiki.valid.tokens",
             "train": [
@@ -77,22 +88,46 @@ def main() -> int:
         spec_path.write_text(json.dumps(spec(ratio, args), indent=2))
         run_dir = out / tag
         t0 = time.time()
-        cmd = [sys.executable, "-m", "lorashear.cli", "run", str(spec_path), "-o", str(run_dir), "-q",
-               "--model-root", args.model_root, "--data-root", args.data_root]
+        cmd = [
+            sys.executable,
+            "-m",
+            "lorashear.cli",
+            "run",
+            str(spec_path),
+            "-o",
+            str(run_dir),
+            "-q",
+            "--model-root",
+            args.model_root,
+            "--data-root",
+            args.data_root,
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             print(proc.stderr[-4000:], file=sys.stderr)
             return proc.returncode
         report = json.loads((run_dir / "report.json").read_text())
         s = report["summary"]
-        rows.append({"ratio": ratio, "wall_s": time.time() - t0, "summary": s, "timings": report["timings"],
-                     "protocol": report["perplexity"]["protocol"], "quotas": report["quotas"]["kept"],
-                     "export": report["export"]})
-        print(f"\n== target {ratio:.0%}: {s['params_before']:,} -> {s['params_after']:,} parameters "
-              f"({s['compression_ratio']:.1%} removed), kept sizes {report['quotas']['kept']}")
-        print(f"   WikiText-2 test ppl (window 128, {report['perplexity']['dense']['windows']} windows, "
-              f"{report['perplexity']['dense']['tokens']:,} tokens): dense {s['ppl_dense']:.2f} | "
-              f"pruned {s['ppl_pruned']:.2f} | recovered {s['ppl_recovered']:.2f}")
+        rows.append(
+            {
+                "ratio": ratio,
+                "wall_s": time.time() - t0,
+                "summary": s,
+                "timings": report["timings"],
+                "protocol": report["perplexity"]["protocol"],
+                "quotas": report["quotas"]["kept"],
+                "export": report["export"],
+            }
+        )
+        print(
+            f"\n== target {ratio:.0%}: {s['params_before']:,} -> {s['params_after']:,} parameters "
+            f"({s['compression_ratio']:.1%} removed), kept sizes {report['quotas']['kept']}"
+        )
+        print(
+            f"   WikiText-2 test ppl (window 128, {report['perplexity']['dense']['windows']} windows, "
+            f"{report['perplexity']['dense']['tokens']:,} tokens): dense {s['ppl_dense']:.2f} | "
+            f"pruned {s['ppl_pruned']:.2f} | recovered {s['ppl_recovered']:.2f}"
+        )
         print(f"   {'stage':<10}{'wall s':>10}{'peak RSS MiB':>15}")
         for stage, t in report["timings"].items():
             print(f"   {stage:<10}{t['wall_s']:>10.1f}{t['cpu_peak_rss_mib']:>15.0f}")

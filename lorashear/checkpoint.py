@@ -48,9 +48,7 @@ def unflatten_optimizer(prefix: str, tensors: dict[str, torch.Tensor], meta: dic
     """Inverse of :func:`flatten_optimizer`."""
     state: dict[int, dict[str, Any]] = {}
     for pid, entry in meta["state"].items():
-        state[int(pid)] = {
-            k: (tensors[f"{prefix}.{pid}.{k}"] if v == "tensor" else v) for k, v in entry.items()
-        }
+        state[int(pid)] = {k: (tensors[f"{prefix}.{pid}.{k}"] if v == "tensor" else v) for k, v in entry.items()}
     return {"state": state, "param_groups": meta["param_groups"]}
 
 

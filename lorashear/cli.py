@@ -32,8 +32,9 @@ def _model_path(arg: str) -> Path:
     bundled = BUNDLED_MODEL_ROOT / arg
     if bundled.exists():
         return bundled
-    raise ConfigError(f"no model at {arg!r} (a directory with config.json, a .gguf file, or a bundled name)",
-                         field="model")
+    raise ConfigError(
+        f"no model at {arg!r} (a directory with config.json, a .gguf file, or a bundled name)", field="model"
+    )
 
 
 class _Progress:
@@ -52,16 +53,24 @@ class _Progress:
         if e.kind == "stage_start":
             self.close()
             n = STAGES.index(e.stage) + 1 if e.stage in STAGES else 0
-            self.bar = self.tqdm(total=e.total or None, desc=f"[{n}/{len(STAGES)}] {e.stage}", unit="step",
-                                 dynamic_ncols=True, leave=True, file=sys.stderr, mininterval=0.5)
+            self.bar = self.tqdm(
+                total=e.total or None,
+                desc=f"[{n}/{len(STAGES)}] {e.stage}",
+                unit="step",
+                dynamic_ncols=True,
+                leave=True,
+                file=sys.stderr,
+                mininterval=0.5,
+            )
             if e.message:
                 self.bar.write(f"{e.stage}: {e.message}", file=sys.stderr)
         elif e.kind == "progress" and self.bar is not None:
             if e.total:
                 self.bar.total = e.total
             if e.metrics:
-                self.bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in list(e.metrics.items())[:2]},
-                                     refresh=False)
+                self.bar.set_postfix(
+                    {k.split("/")[-1]: f"{v:.3g}" for k, v in list(e.metrics.items())[:2]}, refresh=False
+                )
             self.bar.update(max(0, e.step - self.bar.n))  # honours tqdm's refresh interval
         elif e.kind in ("log", "stage_end"):
             if e.kind == "stage_end" and self.bar is not None:
@@ -81,8 +90,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     spec = load_spec_file(args.spec)
     out = Path(args.output) if args.output else Path("runs") / Path(args.spec).stem
-    roots = Roots(Path(args.model_root) if args.model_root else Roots.from_env().model_root,
-                  Path(args.data_root) if args.data_root else Roots.from_env().data_root)
+    roots = Roots(
+        Path(args.model_root) if args.model_root else Roots.from_env().model_root,
+        Path(args.data_root) if args.data_root else Roots.from_env().data_root,
+    )
     progress = _Progress(args.quiet)
     t0 = time.time()
     try:
@@ -91,11 +102,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         progress.close()
     s = result.summary
     print(f"\nLoRAShear finished in {time.time() - t0:.0f} s: {spec.model} pruned by {s['compression_ratio']:.1%}")
-    print(f"  parameters   {s['params_before']:,} -> {s['params_after']:,} (target {s['params_target']:,} "
-          f"+/- {s['params_tolerance']:,})")
+    print(
+        f"  parameters   {s['params_before']:,} -> {s['params_after']:,} (target {s['params_target']:,} "
+        f"+/- {s['params_tolerance']:,})"
+    )
     proto = result.report["perplexity"]["protocol"]
-    print(f"  perplexity   dense {s['ppl_dense']:.3f} | pruned {s['ppl_pruned']:.3f} | recovered "
-          f"{s['ppl_recovered']:.3f}  ({proto['dataset']}, window {proto['window']}, stride {proto['stride']})")
+    print(
+        f"  perplexity   dense {s['ppl_dense']:.3f} | pruned {s['ppl_pruned']:.3f} | recovered "
+        f"{s['ppl_recovered']:.3f}  ({proto['dataset']}, window {proto['window']}, stride {proto['stride']})"
+    )
     print(f"  exactness    max |logit diff| sliced vs group-sparse {s['max_abs_logit_diff']:.2e}")
     sample = result.report.get("sample") or {}
     if sample:
@@ -120,28 +135,41 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         model = attach_lora(model, LoRAConfig(), adapter=Path(args.adapter))
     else:
         model = attach_lora(model, LoRAConfig(rank=args.lora_rank))
-    structures = StructureConfig(attention=not args.no_attention, mlp=not args.no_mlp, hidden=args.hidden,
-                                 attention_unit=args.attention_unit, channel_multiple=args.channel_multiple)
+    structures = StructureConfig(
+        attention=not args.no_attention,
+        mlp=not args.no_mlp,
+        hidden=args.hidden,
+        attention_unit=args.attention_unit,
+        channel_multiple=args.channel_multiple,
+    )
     st = discover(model, shape=shape, attention=structures.attention, mlp=structures.mlp, hidden=structures.hidden)
-    print(f"{path.name}: {shape.model_type}, {shape.num_layers} layers, hidden {shape.hidden_size}, "
-          f"{shape.num_heads} heads / {shape.num_kv_heads} KV heads (n_rep {shape.n_rep}), head_dim {shape.head_dim}, "
-          f"intermediate {shape.intermediate_size}, {shape.total_params:,} parameters")
+    print(
+        f"{path.name}: {shape.model_type}, {shape.num_layers} layers, hidden {shape.hidden_size}, "
+        f"{shape.num_heads} heads / {shape.num_kv_heads} KV heads (n_rep {shape.n_rep}), head_dim {shape.head_dim}, "
+        f"intermediate {shape.intermediate_size}, {shape.total_params:,} parameters"
+    )
     print(f"traced channel spaces: {st.spaces} (LoRA rank spaces are never pruned)\n")
     print(f"{'structure':<16}{'layer':>6}{'groups':>8}{'params/group':>14}  prunable")
     for r in st.summary():
         layer = "all" if r["layer"] is None else r["layer"]
-        print(f"{r['kind']:<16}{layer:>6}{r['groups']:>8}{r['params_per_group']:>14,}  {'yes' if r['prunable'] else 'no'}")
+        print(
+            f"{r['kind']:<16}{layer:>6}{r['groups']:>8}{r['params_per_group']:>14,}  {'yes' if r['prunable'] else 'no'}"
+        )
     print("\nprobe checks:")
     for c in st.checks:
         print(f"  {c}")
     if args.target_ratio is not None:
         q = plan_quotas(shape, args.target_ratio, structures, args.gamma)
-        print(f"\ntarget {args.target_ratio:.0%} of parameters (gamma {args.gamma}): remove per layer "
-              f"{q.kv_groups} {'KV groups' if shape.n_rep > 1 else 'heads'}, {q.query_heads_per_group} query heads "
-              f"per KV group, {q.channels} MLP channels; {q.hidden} hidden dims")
+        print(
+            f"\ntarget {args.target_ratio:.0%} of parameters (gamma {args.gamma}): remove per layer "
+            f"{q.kv_groups} {'KV groups' if shape.n_rep > 1 else 'heads'}, {q.query_heads_per_group} query heads "
+            f"per KV group, {q.channels} MLP channels; {q.hidden} hidden dims"
+        )
         print(f"  kept sizes {q.kept}")
-        print(f"  parameters {q.params_before:,} -> {q.params_after:,} (target {q.params_target:,}, "
-              f"one budget step = {2 * q.tolerance:,})")
+        print(
+            f"  parameters {q.params_before:,} -> {q.params_after:,} (target {q.params_target:,}, "
+            f"one budget step = {2 * q.tolerance:,})"
+        )
     del torch
     return 0
 
@@ -156,13 +184,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model = load_model(path, device=device)
     tok = load_tokenizer(path)
     stream = TokenStream.from_text(read_text(Path(args.data), "data"), tok)
-    p = perplexity(model, stream, window=args.window, stride=args.stride, max_windows=args.max_windows,
-                   batch_size=args.batch_size, dataset=str(args.data))
+    p = perplexity(
+        model,
+        stream,
+        window=args.window,
+        stride=args.stride,
+        max_windows=args.max_windows,
+        batch_size=args.batch_size,
+        dataset=str(args.data),
+    )
     if args.json:
         print(json.dumps(p.to_dict()))
     else:
-        print(f"perplexity {p.perplexity:.4f} (nll {p.nll:.4f} nats/token) on {args.data}: window {p.window}, "
-              f"stride {p.stride}, {p.windows} windows, {p.tokens:,} tokens scored, tokenizer of {path.name}")
+        print(
+            f"perplexity {p.perplexity:.4f} (nll {p.nll:.4f} nats/token) on {args.data}: window {p.window}, "
+            f"stride {p.stride}, {p.windows} windows, {p.tokens:,} tokens scored, tokenizer of {path.name}"
+        )
     return 0
 
 
@@ -205,8 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--lora-rank", type=int, default=8)
     i.add_argument("--target-ratio", type=float, default=0.2, help="fraction 0-1 of parameters to remove")
     i.add_argument("--gamma", type=float, default=0.1, help="unprunable ratio, fraction 0-1")
-    i.add_argument("--attention-unit", default="auto", choices=("auto", "kv_group", "query_head"),
-                   help=docs.get("attention_unit"))
+    i.add_argument(
+        "--attention-unit", default="auto", choices=("auto", "kv_group", "query_head"), help=docs.get("attention_unit")
+    )
     i.add_argument("--channel-multiple", type=int, default=1, help=docs.get("channel_multiple"))
     i.add_argument("--hidden", action="store_true", help=docs.get("hidden"))
     i.add_argument("--no-attention", action="store_true")

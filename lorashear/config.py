@@ -667,7 +667,7 @@ def field_docs(cls: type) -> dict[str, str]:
     docs: dict[str, str] = {}
     assert isinstance(body, ast.ClassDef)
     items = body.body
-    for node, nxt in zip(items, items[1:]):
+    for node, nxt in zip(items, items[1:], strict=False):
         if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
             if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str):
                 docs[node.target.id] = " ".join(nxt.value.value.split())

@@ -55,7 +55,9 @@ def _quiet_transformers() -> None:
     hf_logging.set_verbosity_error()
 
 
-def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> nn.Module:
+def load_model(
+    path: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> nn.Module:
     """Load a LLaMA-family causal LM from a local directory (safetensors) or ``.gguf`` file.
 
     Args:
@@ -116,7 +118,8 @@ def load_tokenizer(path: str | Path) -> Any:
             if not (path.parent / "tokenizer.json").is_file() and not (path.parent / "tokenizer.model").is_file():
                 raise UnsupportedModelError(
                     f"cannot read the tokenizer embedded in {path.name} ({exc!r}) and there is no tokenizer.json "
-                    "beside it", field="model",
+                    "beside it",
+                    field="model",
                 ) from None
             tok = AutoTokenizer.from_pretrained(str(path.parent), trust_remote_code=False)
     else:

@@ -15,14 +15,13 @@ from __future__ import annotations
 import copy
 import hashlib
 import logging
-import math
 import os
 import platform
 import resource
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +46,6 @@ from lorashear.events import STAGES, CancelHook, Event, EventHook
 from lorashear.graph import Structures, discover
 from lorashear.modeling import (
     attach_lora,
-    base_name,
     count_params,
     load_model,
     load_tokenizer,
@@ -149,8 +147,16 @@ class _Run:
         self.last_event = 0.0
 
     # plumbing -----------------------------------------------------------------------------------------------
-    def emit(self, stage: str, kind: str, step: int = 0, total: int = 0, message: str = "",
-             metrics: dict[str, float] | None = None, data: dict[str, Any] | None = None) -> None:
+    def emit(
+        self,
+        stage: str,
+        kind: str,
+        step: int = 0,
+        total: int = 0,
+        message: str = "",
+        metrics: dict[str, float] | None = None,
+        data: dict[str, Any] | None = None,
+    ) -> None:
         if self.on_event is not None:
             self.on_event(Event(stage, kind, step, total, message, metrics or {}, data or {}))
 
@@ -229,22 +235,31 @@ class _Run:
         st = spec.structures
         probe = self.data.calibration.ids[:8].unsqueeze(0)
         self.structures = discover(
-            self.model, shape=self.shape, attention=st.attention, mlp=st.mlp, hidden=st.hidden,
-            probe_ids=probe, seed=spec.seed,
+            self.model,
+            shape=self.shape,
+            attention=st.attention,
+            mlp=st.mlp,
+            hidden=st.hidden,
+            probe_ids=probe,
+            seed=spec.seed,
         )
         self.quotas = plan_quotas(self.shape, spec.target_ratio, st, spec.analysis.gamma)
         self.set_quotas = set_quotas(self.structures, self.quotas)
         q = self.quotas
         self.emit(
-            "discover", "stage_end", 1, 1,
+            "discover",
+            "stage_end",
+            1,
+            1,
             f"{len(self.structures.sets)} structure sets; quotas per layer: {q.kv_groups} KV groups, "
             f"{q.query_heads_per_group} query heads per group, {q.channels} channels, {q.hidden} hidden dims",
             data={"quotas": q.to_dict()},
         )
         self.stage_timer("discover", t0)
 
-    def _sub(self, ds: DatasetConfig, field: str, stream: bool, seq_len: int, batches: int,
-             batch_size: int) -> SubDataset:
+    def _sub(
+        self, ds: DatasetConfig, field: str, stream: bool, seq_len: int, batches: int, batch_size: int
+    ) -> SubDataset:
         train_path = self.roots.data(ds.train, f"{field}.train")
         rows = read_records(train_path, f"{field}.train")
         if ds.validation is not None:
@@ -280,7 +295,8 @@ class _Run:
         r = spec.recovery
         calib = TokenStream.from_text(
             read_text(self.roots.data(spec.data.calibration, "data.calibration"), "data.calibration"),
-            self.tokenizer, max_tokens=spec.analysis.max_tokens,
+            self.tokenizer,
+            max_tokens=spec.analysis.max_tokens,
         )
         if len(calib) < spec.analysis.seq_len:
             raise DataError(
@@ -312,10 +328,17 @@ class _Run:
     def _ppl(self, stage: str, label: str) -> dict[str, Any]:
         e = self.spec.evaluation
         p = perplexity(
-            self.model, self.data.eval, window=e.window, stride=e.stride, max_windows=e.max_windows,
-            batch_size=e.batch_size, dataset=self.spec.data.eval,
+            self.model,
+            self.data.eval,
+            window=e.window,
+            stride=e.stride,
+            max_windows=e.max_windows,
+            batch_size=e.batch_size,
+            dataset=self.spec.data.eval,
         )
-        self.emit(stage, "log", message=f"perplexity ({label}) {p.perplexity:.3f}", metrics={f"ppl/{label}": p.perplexity})
+        self.emit(
+            stage, "log", message=f"perplexity ({label}) {p.perplexity:.3f}", metrics={f"ppl/{label}": p.perplexity}
+        )
         return p.to_dict()
 
     def stage_analyze(self) -> None:
@@ -333,13 +356,21 @@ class _Run:
             self.emit("analyze", "progress", done, total, "layer sensitivity")
 
         analysis = analyze(
-            self.model, self.structures, windows, gamma=a.gamma, ablation_fraction=a.ablation_fraction,
-            batch_size=max(1, min(8, len(windows))), on_step=progress,
+            self.model,
+            self.structures,
+            windows,
+            gamma=a.gamma,
+            ablation_fraction=a.ablation_fraction,
+            batch_size=max(1, min(8, len(windows))),
+            on_step=progress,
         )
         res["analysis"] = analysis.to_dict()
         worst = sorted(analysis.layer_map, key=lambda r: -r["deviation"])[:3]
         self.emit(
-            "analyze", "stage_end", 1, 1,
+            "analyze",
+            "stage_end",
+            1,
+            1,
             "most sensitive: " + ", ".join(f"{r['node_group']}@{r['layer']} (+{r['deviation']:.3f})" for r in worst),
             data={"layer_map": analysis.layer_map},
         )
@@ -378,9 +409,19 @@ class _Run:
             self.model.zero_grad(set_to_none=True)
             losses.append(loss)
             period, t = self.lhspg.phase(step)
-            metrics = {"lhspg/loss": loss, "lhspg/grad_norm": info["grad_norm"], "lhspg/groups_zero": info["groups_zero"]}
-            self.emit("prune", "progress", step + 1, total, f"period {period + 1}/{cfg.periods}" if period >= 0
-                      else "warm-up", metrics=metrics)
+            metrics = {
+                "lhspg/loss": loss,
+                "lhspg/grad_norm": info["grad_norm"],
+                "lhspg/groups_zero": info["groups_zero"],
+            }
+            self.emit(
+                "prune",
+                "progress",
+                step + 1,
+                total,
+                f"period {period + 1}/{cfg.periods}" if period >= 0 else "warm-up",
+                metrics=metrics,
+            )
             if t == cfg.period_steps - 1 and period >= 0:
                 self._check_period(period)
             if (step + 1) % self.spec.runtime.checkpoint_every == 0 and step + 1 < total:
@@ -391,8 +432,11 @@ class _Run:
         if got != want:
             raise ExactnessError(f"LHSPG removed {got} groups, quotas were {want}")
         self.state["removed"] = removed
-        self.state["results"]["lhspg"] = {"history": self.lhspg.history, "loss_first": losses[:5],
-                                          "loss_last": losses[-5:]}
+        self.state["results"]["lhspg"] = {
+            "history": self.lhspg.history,
+            "loss_first": losses[:5],
+            "loss_last": losses[-5:],
+        }
         self.optimizer_owner = None
         self.lhspg_done = self.lhspg
         self.lhspg = None
@@ -445,11 +489,22 @@ class _Run:
         if n != self.quotas.params_after:
             raise ExactnessError(f"sliced model has {n:,} parameters, the plan said {self.quotas.params_after:,}")
         res = self.state["results"]
-        res["compression"] = {"max_abs_logit_diff": diff, "exact": not hidden, "tolerance": tol if not hidden else None,
-                              "params_after": n, "config": plan["config"]}
+        res["compression"] = {
+            "max_abs_logit_diff": diff,
+            "exact": not hidden,
+            "tolerance": tol if not hidden else None,
+            "params_after": n,
+            "config": plan["config"],
+        }
         self.state["plan"] = plan
-        self.emit("compress", "progress", 2, 3, f"logits match (max abs diff {diff:.2e})",
-                  metrics={"compress/max_abs_logit_diff": diff})
+        self.emit(
+            "compress",
+            "progress",
+            2,
+            3,
+            f"logits match (max abs diff {diff:.2e})",
+            metrics={"compress/max_abs_logit_diff": diff},
+        )
         res["ppl_pruned"] = self._ppl("compress", "pruned")
         self.emit("compress", "stage_end", 3, 3, f"{self.quotas.params_before:,} -> {n:,} parameters")
         self.stage_timer("compress", t0)
@@ -463,8 +518,10 @@ class _Run:
         if not r.enabled:
             stages = []
         total = sum(n * r.steps_per_round for _, ds, n in stages)
-        rec = self.state.setdefault("recovery", {"stage_index": 0, "round": 0, "step": 0, "weights": None,
-                                                 "rounds": [], "losses": [], "stopped_early": {}})
+        rec = self.state.setdefault(
+            "recovery",
+            {"stage_index": 0, "round": 0, "step": 0, "weights": None, "rounds": [], "losses": [], "stopped_early": {}},
+        )
         params = [p for p in self.model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=r.lr)
         self.optimizer_owner = opt
@@ -482,17 +539,23 @@ class _Run:
                 if rec["step"] == 0:
                     losses = [batch_loss(self.model, d.val_batches) for d in sets]
                     refs = [refs_all[n] for n in names]
-                    w, dev = mix_weights(losses, refs, rec["weights"], weighting=r.weighting, eta=r.eta,
-                                         uniform=r.uniform_share)
+                    w, dev = mix_weights(
+                        losses, refs, rec["weights"], weighting=r.weighting, eta=r.eta, uniform=r.uniform_share
+                    )
                     rec["weights"] = w
                     entry = round_record(stage_no, rec["round"], names, losses, refs, w, dev)
                     rec["rounds"].append(entry)
-                    self.emit("recover", "log", done_before + rec["round"] * r.steps_per_round, total,
-                              f"stage {stage_no} round {rec['round'] + 1}: weights "
-                              + ", ".join(f"{n}={x:.2f}" for n, x in zip(names, w)),
-                              metrics={f"recovery/weight/{n}": x for n, x in zip(names, w)}
-                              | {f"recovery/deviation/{n}": d for n, d in zip(names, dev)},
-                              data=entry)
+                    self.emit(
+                        "recover",
+                        "log",
+                        done_before + rec["round"] * r.steps_per_round,
+                        total,
+                        f"stage {stage_no} round {rec['round'] + 1}: weights "
+                        + ", ".join(f"{n}={x:.2f}" for n, x in zip(names, w, strict=False)),
+                        metrics={f"recovery/weight/{n}": x for n, x in zip(names, w, strict=False)}
+                        | {f"recovery/deviation/{n}": d for n, d in zip(names, dev, strict=False)},
+                        data=entry,
+                    )
                     if max(dev) < r.tau:
                         rec["stopped_early"][str(stage_no)] = rec["round"]
                         break
@@ -510,8 +573,14 @@ class _Run:
                     rec["step"] += 1
                     rec["losses"].append(loss)
                     step = done_before + rec["round"] * r.steps_per_round + rec["step"]
-                    self.emit("recover", "progress", step, total, f"stage {stage_no} round {rec['round'] + 1}",
-                              metrics={"recovery/loss": loss, f"recovery/loss/{names[i]}": loss})
+                    self.emit(
+                        "recover",
+                        "progress",
+                        step,
+                        total,
+                        f"stage {stage_no} round {rec['round'] + 1}",
+                        metrics={"recovery/loss": loss, f"recovery/loss/{names[i]}": loss},
+                    )
                     if step % self.spec.runtime.checkpoint_every == 0 and step < total:
                         self.save_checkpoint()
                 rec["round"] += 1
@@ -522,8 +591,12 @@ class _Run:
             rec["step"] = 0
             rec["weights"] = None
         self.optimizer_owner = None
-        self.state["results"]["recovery"] = {"rounds": rec["rounds"], "stopped_early": rec["stopped_early"],
-                                             "loss_first": rec["losses"][:5], "loss_last": rec["losses"][-5:]}
+        self.state["results"]["recovery"] = {
+            "rounds": rec["rounds"],
+            "stopped_early": rec["stopped_early"],
+            "loss_first": rec["losses"][:5],
+            "loss_last": rec["losses"][-5:],
+        }
         self.emit("recover", "stage_end", total, total, "recovery done")
         self.stage_timer("recover", t0)
 
@@ -539,15 +612,19 @@ class _Run:
     def _sample(self, model: nn.Module) -> dict[str, Any]:
         model.eval()
         ids = self.tokenizer(SAMPLE_PROMPT, return_tensors="pt").input_ids.to(self.device)
-        out = model.generate(input_ids=ids, max_new_tokens=48, do_sample=False, use_cache=True,
-                             pad_token_id=self.tokenizer.pad_token_id)
-        return {"prompt": SAMPLE_PROMPT, "text": self.tokenizer.decode(out[0], skip_special_tokens=True),
-                "decoding": "greedy, 48 new tokens"}
+        out = model.generate(
+            input_ids=ids, max_new_tokens=48, do_sample=False, use_cache=True, pad_token_id=self.tokenizer.pad_token_id
+        )
+        return {
+            "prompt": SAMPLE_PROMPT,
+            "text": self.tokenizer.decode(out[0], skip_special_tokens=True),
+            "decoding": "greedy, 48 new tokens",
+        }
 
     def stage_export(self) -> RunResult:
         from transformers import AutoModelForCausalLM
 
-        t0 = time.time()
+        time.time()
         spec = self.spec
         self.emit("export", "stage_start", 0, 3, "writing artifacts")
         staging = self.output_dir.with_name(f".{self.output_dir.name}.staging-{os.getpid()}")
@@ -597,8 +674,11 @@ class _Run:
         self.export_arch = type(loaded).__name__
         del loaded
         size = sum(f.stat().st_size for f in (staging / "model").glob("*.safetensors"))
-        dense_size = sum(f.stat().st_size for f in self.model_path.glob("*.safetensors")) if self.model_path.is_dir() \
+        dense_size = (
+            sum(f.stat().st_size for f in self.model_path.glob("*.safetensors"))
+            if self.model_path.is_dir()
             else self.model_path.stat().st_size
+        )
         self.emit("export", "progress", 2, 3, "reload checked")
         res = self.state["results"]
         summary = {
@@ -622,12 +702,17 @@ class _Run:
         if self.output_dir.exists():
             raise ConfigError(f"output directory {self.output_dir} appeared while the job ran", field="output")
         os.replace(staging, self.output_dir)
-        self.emit("export", "stage_end", 3, 3, f"artifacts in {self.output_dir}", metrics=dict(
-            (f"summary/{k}", float(v)) for k, v in summary.items()))
+        self.emit(
+            "export",
+            "stage_end",
+            3,
+            3,
+            f"artifacts in {self.output_dir}",
+            metrics=dict((f"summary/{k}", float(v)) for k, v in summary.items()),
+        )
         return RunResult(summary, report, artifacts, self.output_dir)
 
-    def _report(self, summary: dict[str, Any], size: int, dense_size: int, reload_diff: float | None
-                ) -> dict[str, Any]:
+    def _report(self, summary: dict[str, Any], size: int, dense_size: int, reload_diff: float | None) -> dict[str, Any]:
         import peft
         import transformers
 
@@ -636,21 +721,39 @@ class _Run:
         spec = self.spec
         res = self.state["results"]
         files = sorted(self.model_path.glob("*")) if self.model_path.is_dir() else [self.model_path]
-        checksums = {f.name: _sha256(f) for f in files if f.is_file() and (
-            f.suffix in (".safetensors", ".json", ".model", ".gguf"))}
+        checksums = {
+            f.name: _sha256(f)
+            for f in files
+            if f.is_file() and (f.suffix in (".safetensors", ".json", ".model", ".gguf"))
+        }
         e = spec.evaluation
         return {
             "lorashear_version": lorashear.__version__,
             "spec": spec.to_dict(),
             "summary": summary,
-            "model": {"name": spec.model, "shape": self.shape.__dict__, "checksums_sha256": checksums,
-                      "dense_file_bytes": dense_size, "pruned_file_bytes": size},
-            "environment": {"python": platform.python_version(), "torch": torch.__version__,
-                            "transformers": transformers.__version__, "peft": peft.__version__,
-                            "platform": platform.platform(), "device": str(self.device), "dtype": str(self.dtype),
-                            "seed": spec.seed, "argv": sys.argv[:1]},
-            "structures": {"sets": self.structures.summary(), "spaces": self.structures.spaces,
-                           "checks": self.structures.checks},
+            "model": {
+                "name": spec.model,
+                "shape": self.shape.__dict__,
+                "checksums_sha256": checksums,
+                "dense_file_bytes": dense_size,
+                "pruned_file_bytes": size,
+            },
+            "environment": {
+                "python": platform.python_version(),
+                "torch": torch.__version__,
+                "transformers": transformers.__version__,
+                "peft": peft.__version__,
+                "platform": platform.platform(),
+                "device": str(self.device),
+                "dtype": str(self.dtype),
+                "seed": spec.seed,
+                "argv": sys.argv[:1],
+            },
+            "structures": {
+                "sets": self.structures.summary(),
+                "spaces": self.structures.spaces,
+                "checks": self.structures.checks,
+            },
             "quotas": self.quotas.to_dict(),
             "analysis": res.get("analysis"),
             "lhspg": res.get("lhspg"),
@@ -658,10 +761,17 @@ class _Run:
             "export": {"architecture": self.export_arch, "note": self.export_note, "dtype": spec.export.dtype},
             "recovery": res.get("recovery"),
             "perplexity": {
-                "protocol": {"dataset": spec.data.eval, "tokenizer": spec.model, "window": e.window,
-                             "stride": e.stride or e.window, "max_windows": e.max_windows,
-                             "text": "paragraphs joined by newlines; windows score every position after the first"},
-                "dense": res["ppl_dense"], "pruned": res["ppl_pruned"], "recovered": res["ppl_recovered"],
+                "protocol": {
+                    "dataset": spec.data.eval,
+                    "tokenizer": spec.model,
+                    "window": e.window,
+                    "stride": e.stride or e.window,
+                    "max_windows": e.max_windows,
+                    "text": "paragraphs joined by newlines; windows score every position after the first",
+                },
+                "dense": res["ppl_dense"],
+                "pruned": res["ppl_pruned"],
+                "recovered": res["ppl_recovered"],
             },
             "reference_losses": res.get("reference_losses"),
             "sample": res.get("sample"),
@@ -687,10 +797,18 @@ class _Run:
             self._restore_tensors(tensors)
             if state.get("optimizer") is not None:
                 self._resume_opt = ckpt.unflatten_optimizer("opt", tensors, state["optimizer"])
-            self.emit("load", "log", message=f"resumed after stage {STAGES[state['stage_done']]}"
-                      if state["stage_done"] >= 0 else "resumed")
-        order = [("analyze", self.stage_analyze), ("prune", self.stage_prune), ("compress", self.stage_compress),
-                 ("recover", self.stage_recover), ("evaluate", self.stage_evaluate)]
+            self.emit(
+                "load",
+                "log",
+                message=f"resumed after stage {STAGES[state['stage_done']]}" if state["stage_done"] >= 0 else "resumed",
+            )
+        order = [
+            ("analyze", self.stage_analyze),
+            ("prune", self.stage_prune),
+            ("compress", self.stage_compress),
+            ("recover", self.stage_recover),
+            ("evaluate", self.stage_evaluate),
+        ]
         for name, fn in order:
             if self.state["stage_done"] >= STAGES.index(name):
                 continue

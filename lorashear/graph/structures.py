@@ -348,7 +348,9 @@ def _attention_sets(
         q_like = [u for u in prod if u.out_features == nh * hd]
         kv_like = [u for u in prod if u.out_features == nkv * hd]
         if len(q_like) != 1 or len(kv_like) != 2:
-            raise _mismatch(f"layer {layer}: expected 1 query and 2 key/value projections, traced {len(prod)} producers")
+            raise _mismatch(
+                f"layer {layer}: expected 1 query and 2 key/value projections, traced {len(prod)} producers"
+            )
         q = q_like[0]
 
     # probes: b=0 baseline; 1..nkv zero KV head j (k and v rows); then perturb each query head's q rows
@@ -389,7 +391,9 @@ def _attention_sets(
     o_a = cons_a.get(_prefix(o))
     sets = []
     group_kind = "attention_head" if rep == 1 else "kv_group"
-    q_rows = _blocks([[c for h in range(j * rep, (j + 1) * rep) for c in range(h * hd, (h + 1) * hd)] for j in range(nkv)])
+    q_rows = _blocks(
+        [[c for h in range(j * rep, (j + 1) * rep) for c in range(h * hd, (h + 1) * hd)] for j in range(nkv)]
+    )
     kv_rows = _blocks([list(range(j * hd, (j + 1) * hd)) for j in range(nkv)])
     slices: list[SliceSpec] = []
     slices += _row_slices(q, prod_b.get(_prefix(q)), q_rows, params, True)
@@ -399,8 +403,15 @@ def _attention_sets(
     meta = {"head_dim": hd, "n_rep": rep, "q": q.name, "kv": [u.name for u in kv_like], "o": o.name}
     sets.append(
         StructureSet(
-            group_kind, layer, nkv, slices, _base_params_per_group(slices, params),
-            torch.zeros(nkv, dtype=torch.long), torch.zeros(nkv, dtype=torch.bool), prunable, meta,
+            group_kind,
+            layer,
+            nkv,
+            slices,
+            _base_params_per_group(slices, params),
+            torch.zeros(nkv, dtype=torch.long),
+            torch.zeros(nkv, dtype=torch.bool),
+            prunable,
+            meta,
         )
     )
     if rep > 1:
@@ -408,8 +419,15 @@ def _attention_sets(
         qs = _row_slices(q, prod_b.get(_prefix(q)), h_rows, params, True) + _col_slices(o, o_a, h_rows, True)
         sets.append(
             StructureSet(
-                "query_head", layer, nh, qs, _base_params_per_group(qs, params),
-                torch.arange(nh) // rep, torch.zeros(nh, dtype=torch.bool), prunable, meta,
+                "query_head",
+                layer,
+                nh,
+                qs,
+                _base_params_per_group(qs, params),
+                torch.arange(nh) // rep,
+                torch.zeros(nh, dtype=torch.bool),
+                prunable,
+                meta,
             )
         )
     return sets
@@ -451,8 +469,15 @@ def _mlp_set(
     slices += _col_slices(down, cons_a.get(_prefix(down)), idx, False)
     meta = {"gate_up": [u.name for u in prod], "down": down.name}
     return StructureSet(
-        "mlp_channel", layer, inter, slices, _base_params_per_group(slices, params),
-        torch.zeros(inter, dtype=torch.long), torch.zeros(inter, dtype=torch.bool), prunable, meta,
+        "mlp_channel",
+        layer,
+        inter,
+        slices,
+        _base_params_per_group(slices, params),
+        torch.zeros(inter, dtype=torch.long),
+        torch.zeros(inter, dtype=torch.bool),
+        prunable,
+        meta,
     )
 
 
@@ -498,7 +523,13 @@ def _hidden_set(
             continue
         slices += _col_slices(u, cons_a.get(_prefix(u)), idx, False)
     return StructureSet(
-        "hidden_dim", None, h, slices, _base_params_per_group(slices, params),
-        torch.zeros(h, dtype=torch.long), torch.zeros(h, dtype=torch.bool), prunable,
+        "hidden_dim",
+        None,
+        h,
+        slices,
+        _base_params_per_group(slices, params),
+        torch.zeros(h, dtype=torch.long),
+        torch.zeros(h, dtype=torch.bool),
+        prunable,
         {"norms": [leaf for leaf in sp.leaves if params[leaf].dim() == 1]},
     )

@@ -192,13 +192,14 @@ class LHSPG:
             if norm == 0:
                 continue
             trial = [
-                x + (d if d is not None else 0) - lr * float(lam[i]) * x / norm for x, d in zip(parts, deltas)
+                x + (d if d is not None else 0) - lr * float(lam[i]) * x / norm
+                for x, d in zip(parts, deltas, strict=False)
             ]
-            inner = sum((x.float() * w.float()).sum() for x, w in zip(trial, parts))
+            inner = sum((x.float() * w.float()).sum() for x, w in zip(trial, parts, strict=False))
             if inner < eps * norm**2:
                 self._scale(s, [g], 0.0)
             else:
-                for sl, x in zip(base, trial):
+                for sl, x in zip(base, trial, strict=False):
                     p = self.params[sl.param]
                     p.data.index_copy_(sl.dim, sl.index[gi].flatten(), x.to(p.dtype))
                 for sl in s.slices:  # the LoRA part now lives in W

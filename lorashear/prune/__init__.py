@@ -139,8 +139,9 @@ def rescale_norms_(model: nn.Module, norm_params: list[str], before: int, after:
         params[name].mul_(math.sqrt(before / after))
 
 
-def make_plan(kept: dict[str, dict[int, torch.Tensor]], config: dict[str, Any], *, norms: list[str],
-              hidden_before: int) -> dict[str, Any]:
+def make_plan(
+    kept: dict[str, dict[int, torch.Tensor]], config: dict[str, Any], *, norms: list[str], hidden_before: int
+) -> dict[str, Any]:
     """Replayable plan (JSON): base-model tensor names, dims and kept indices, plus the resulting config sizes.
 
     LoRA tensors are left out: the plan describes the base model. Tied tensors appear under each name.
@@ -153,8 +154,11 @@ def make_plan(kept: dict[str, dict[int, torch.Tensor]], config: dict[str, Any], 
             tensors.append({"name": base_name(name), "dim": dim, "kept": idx.tolist()})
     return {
         "version": PLAN_VERSION,
-        "config": {k: config[k] for k in ("num_attention_heads", "num_key_value_heads", "intermediate_size",
-                                          "hidden_size", "head_dim") if k in config},
+        "config": {
+            k: config[k]
+            for k in ("num_attention_heads", "num_key_value_heads", "intermediate_size", "hidden_size", "head_dim")
+            if k in config
+        },
         "norm_rescale": {"params": [base_name(n) for n in norms], "hidden_before": hidden_before},
         "tensors": tensors,
     }
@@ -194,9 +198,23 @@ def check_exact(before: torch.Tensor, after: torch.Tensor, *, tol: float, what: 
 
 
 _MISTRAL_KEYS = (
-    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-    "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings", "initializer_range", "rms_norm_eps",
-    "use_cache", "pad_token_id", "bos_token_id", "eos_token_id", "tie_word_embeddings", "rope_parameters",
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "hidden_act",
+    "max_position_embeddings",
+    "initializer_range",
+    "rms_norm_eps",
+    "use_cache",
+    "pad_token_id",
+    "bos_token_id",
+    "eos_token_id",
+    "tie_word_embeddings",
+    "rope_parameters",
     "attention_dropout",
 )
 

@@ -54,13 +54,13 @@ def mix_weights(
         ``(weights summing to 1, deviations)``.
     """
     n = len(losses)
-    dev = [max(a - b, 0.0) for a, b in zip(losses, refs)]
+    dev = [max(a - b, 0.0) for a, b in zip(losses, refs, strict=False)]
     if weighting == "linear":
         s = sum(dev)
         w = [d / s for d in dev] if s > 0 else [1.0 / n] * n
     else:
         base = prev or [1.0 / n] * n
-        logits = [math.log(max(p, 1e-12)) + eta * (a - b) for p, a, b in zip(base, losses, refs)]
+        logits = [math.log(max(p, 1e-12)) + eta * (a - b) for p, a, b in zip(base, losses, refs, strict=False)]
         m = max(logits)
         e = [math.exp(x - m) for x in logits]
         w = [x / sum(e) for x in e]
@@ -86,14 +86,21 @@ def batch_loss(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> floa
     return total / max(n, 1)
 
 
-def round_record(stage: int, rnd: int, names: list[str], losses: list[float], refs: list[float],
-                 weights: list[float], dev: list[float]) -> dict[str, Any]:
+def round_record(
+    stage: int,
+    rnd: int,
+    names: list[str],
+    losses: list[float],
+    refs: list[float],
+    weights: list[float],
+    dev: list[float],
+) -> dict[str, Any]:
     """One logged round: per sub-dataset loss, reference loss, deviation and the new weight."""
     return {
         "stage": stage,
         "round": rnd,
         "datasets": {
             n: {"loss": a, "reference_loss": b, "deviation": d, "weight": w}
-            for n, a, b, d, w in zip(names, losses, refs, dev, weights)
+            for n, a, b, d, w in zip(names, losses, refs, dev, weights, strict=False)
         },
     }

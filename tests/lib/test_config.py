@@ -17,8 +17,15 @@ from lorashear.resolve import Roots
 
 
 def test_json_round_trip_is_identity() -> None:
-    spec = JobSpec.from_dict({"model": "stories260K", "target_ratio": 0.3, "lora": {"rank": 4, "target_modules": ["q_proj"]},
-                              "lhspg": {"mode": "hsp"}, "data": {"instruct": []}})
+    spec = JobSpec.from_dict(
+        {
+            "model": "stories260K",
+            "target_ratio": 0.3,
+            "lora": {"rank": 4, "target_modules": ["q_proj"]},
+            "lhspg": {"mode": "hsp"},
+            "data": {"instruct": []},
+        }
+    )
     again = JobSpec.from_json(spec.to_json())
     assert again == spec
     assert json.loads(again.to_json()) == json.loads(spec.to_json())
@@ -44,8 +51,10 @@ def test_unknown_key_warns_and_is_ignored() -> None:
         ({"model": "m", "lhspg": {"epsilon": 0.95}}, "lhspg.epsilon"),
         ({"model": "m", "runtime": {"device": "cpu", "dtype": "float16"}}, "runtime.dtype"),
         ({"model": "m", "data": {"eval": "tinystories/train_dialogue.txt"}}, "data.eval"),
-        ({"model": "m", "data": {"train": [{"name": "a", "train": "x.txt", "validation_fraction": 2}]}},
-         "data.train[0].validation_fraction"),
+        (
+            {"model": "m", "data": {"train": [{"name": "a", "train": "x.txt", "validation_fraction": 2}]}},
+            "data.train[0].validation_fraction",
+        ),
         ({"model": "m", "structures": {"attention": False, "mlp": False}}, "structures"),
         ({"model": "m", "version": 9}, "version"),
     ],

@@ -43,8 +43,9 @@ def train_step(model, opt: LHSPG, step: int) -> None:
 
 
 @pytest.mark.parametrize("mode", ["decay", "hsp"])
-@pytest.mark.parametrize("case", [Case("llama-mha", "llama", 4, 4), Case("qwen2-gqa2-bias", "qwen2", 4, 2)],
-                         ids=["mha", "gqa-bias"])
+@pytest.mark.parametrize(
+    "case", [Case("llama-mha", "llama", 4, 4), Case("qwen2-gqa2-bias", "qwen2", 4, 2)], ids=["mha", "gqa-bias"]
+)
 def test_exact_counts_and_removed_stay_zero(case: Case, mode: str) -> None:
     model, st, quotas, opt = setup(case, mode)
     cfg = opt.cfg
@@ -78,7 +79,7 @@ def test_unprunable_groups_get_plain_adamw_updates() -> None:
     # reference: a plain AdamW with the same state, on copies, with the same clipped gradients
     params = opt.lora_params
     ref_params = [p.detach().clone().requires_grad_(True) for p in params]
-    for rp, p in zip(ref_params, params):
+    for rp, p in zip(ref_params, params, strict=False):
         rp.grad = p.grad.detach().clone()
     torch.nn.utils.clip_grad_norm_(ref_params, opt.cfg.max_grad_norm)
     ref = torch.optim.AdamW(ref_params, lr=opt.cfg.lr, weight_decay=opt.cfg.weight_decay)
@@ -118,6 +119,6 @@ def test_state_dict_round_trip_continues_identically() -> None:
     for step in range(5, opt_a.cfg.total_steps):
         train_step(model_a, opt_a, step)
         train_step(model_b, opt_b, step)
-    for (n, a), (_, b) in zip(model_a.named_parameters(), model_b.named_parameters()):
+    for (n, a), (_, b) in zip(model_a.named_parameters(), model_b.named_parameters(), strict=False):
         assert torch.equal(a, b), n
     assert opt_a.removed() == opt_b.removed()

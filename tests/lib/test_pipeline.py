@@ -55,15 +55,27 @@ def test_cli_end_to_end_on_bundled_model(tmp_path: Path) -> None:
     spec = tmp_path / "spec.json"
     spec.write_text(json.dumps(E2E))
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-m", "lorashear.cli", "run", str(spec), "-o", str(out)],
-                          capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "-m", "lorashear.cli", "run", str(spec), "-o", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "perplexity" in proc.stdout and "prune" in proc.stderr  # summary and progress
     report = json.loads((out / "report.json").read_text())
     s = report["summary"]
     # every figure is in the report
-    for key in ("params_before", "params_after", "params_target", "ppl_dense", "ppl_pruned", "ppl_recovered",
-                "max_abs_logit_diff", "compression_ratio"):
+    for key in (
+        "params_before",
+        "params_after",
+        "params_target",
+        "ppl_dense",
+        "ppl_pruned",
+        "ppl_recovered",
+        "max_abs_logit_diff",
+        "compression_ratio",
+    ):
         assert key in s
     for key in ("analysis", "lhspg", "compression", "recovery", "perplexity", "timings", "environment", "model"):
         assert report[key], key
@@ -167,8 +179,10 @@ def test_existing_adapter_and_separate_export(tmp_path: Path) -> None:
     root.mkdir()
     shutil.copytree(BUNDLED_MODEL_ROOT / "stories260K", root / "stories260K")  # symlinks out of a root are refused
     torch.manual_seed(3)
-    adapted = attach_lora(load_model(BUNDLED_MODEL_ROOT / "stories260K"),
-                          LoRAConfig(rank=4, target_modules=["q_proj", "v_proj", "up_proj"]))
+    adapted = attach_lora(
+        load_model(BUNDLED_MODEL_ROOT / "stories260K"),
+        LoRAConfig(rank=4, target_modules=["q_proj", "v_proj", "up_proj"]),
+    )
     with torch.no_grad():
         for n, p in adapted.named_parameters():
             if "lora_B" in n:
