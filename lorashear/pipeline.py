@@ -100,6 +100,23 @@ def set_quotas(structures: Structures, q: Quotas) -> dict[str, dict[int, int]]:
     return out
 
 
+def estimate_peak_bytes(shape: ModelShape, dtype: torch.dtype, lora_params: int, batch: int, seq: int) -> int:
+    """Rough peak memory of training with LoRA (ALGORITHM.md section 7: estimate before starting).
+
+    Frozen weights in ``dtype``; LoRA weights, gradients and two AdamW moments in fp32; activations kept for the
+    backward pass (per layer about 12 hidden-sized and 4 intermediate-sized tensors per token, plus attention
+    scores) and fp32 logits with their gradient.
+    """
+    elt = torch.finfo(dtype).bits // 8
+    weights = shape.total_params * elt
+    lora = lora_params * 4 * 4
+    tokens = batch * seq
+    per_layer = tokens * (12 * shape.hidden_size + 4 * shape.intermediate_size) * elt
+    per_layer += batch * shape.num_heads * seq * seq * elt
+    logits = tokens * shape.vocab_size * 4 * 3
+    return int(weights + lora + shape.num_layers * per_layer + logits)
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -226,6 +243,7 @@ class _Run:
         adapter = self.roots.adapter(spec.adapter) if spec.adapter else None
         self.model = attach_lora(base, spec.lora, adapter=adapter)
         self.emit("load", "progress", 2, 3, "LoRA attached")
+        self._check_memory()
         self.data = self._load_data()
         self.emit("load", "stage_end", 3, 3, f"{n:,} parameters, {len(self.data.pool):,} training tokens")
         self.stage_timer("load", t0)
@@ -776,6 +794,7 @@ class _Run:
             "reference_losses": res.get("reference_losses"),
             "sample": res.get("sample"),
             "timings": self.state["timings"],
+            "memory_estimate_bytes": self.state.get("memory_estimate_bytes"),
         }
 
     # driver -------------------------------------------------------------------------------------------------
