@@ -297,11 +297,12 @@ class LHSPGConfig(_Section):
     """Tokens per training sequence."""
     epsilon: float = 0.0
     """hsp mode: half-space threshold eps in [0, 0.9]."""
-    lambda_init: float = 1e-3
-    """hsp mode: initial group-sparsity strength lambda."""
+    lambda_init: float = 1.0
+    """hsp mode: initial group-sparsity strength lambda, scale-free: 1.0 shrinks a group's norm linearly to zero over
+    one period (the step is lambda * ||W_g|| / period_steps)."""
     lambda_growth: float = 0.05
     """hsp mode: lambda grows by this fraction each step, bounded by ``lambda_max``."""
-    lambda_max: float = 1.0
+    lambda_max: float = 4.0
     """hsp mode: upper bound of lambda."""
     fold_lora_each_period: bool = False
     """At each period end, fold s*B*A of kept groups into W and reset B (keeps the LoRA small)."""

@@ -12,10 +12,13 @@ Per step, after the AdamW update of ``A``, ``B``:
 * ``decay`` [code]: the zero-slices of active redundant groups (rows of ``W``, ``B``, bias; for query heads also
   ``o_proj`` columns of ``W`` and ``A``) are multiplied by ``(T - t - 1) / (T - t)``: a linear ramp that reaches
   exactly zero at the period's last step ``t = T - 1``;
-* ``hsp`` [paper intent]: trial iterate ``x = W_g + (sBA)_g - lr * lambda_g * W_g / ||W_g||``; if
+* ``hsp`` [paper intent]: trial iterate ``x = W_g + (sBA)_g - lambda_g * c_g * W_g / ||W_g||``; if
   ``<x, W_g> < eps ||W_g||^2`` the group is projected to zero (``W_g``, ``B_g``, bias), else ``W_g <- x`` with
   ``(sBA)_g`` folded in (``B`` rows / ``A`` columns reset); lambda grows by ``lambda_growth`` per step up to
   ``lambda_max`` (DHSPG's bounded growth); the period's last step forces exact zero so the count is exact.
+  [ours] The brief scales the sparsity step by the learning rate; here ``c_g = ||W_g|| / T`` at selection, so
+  lambda is scale-free: ``lambda = 1`` walks a group to zero in one period, larger values cross the half-space
+  boundary earlier and project.
 
 Groups already removed are re-zeroed every step. Optionally, at each period end, ``s B A`` of kept groups is
 folded into ``W`` and ``B`` reset (``fold_lora_each_period``).
@@ -68,6 +71,8 @@ class LHSPG:
         self.pruned: dict[str, set[int]] = {k: set() for k in self.sets}
         self.active: dict[str, list[int]] = {k: [] for k in self.sets}
         self.lambdas: dict[str, torch.Tensor] = {}
+        self.scales: dict[str, torch.Tensor] = {}
+        self.projected_early = 0  # hsp: groups the half-space projection zeroed before their period ended
         self.history: list[dict[str, Any]] = []
         for key, q in quotas.items():
             s = self.sets[key]
@@ -155,6 +160,9 @@ class LHSPG:
                 chosen += cand[:k]
             picked[key] = sorted(chosen)
             self.lambdas[key] = torch.full((len(chosen),), self.cfg.lambda_init, dtype=torch.float64)
+            self.scales[key] = torch.tensor(
+                [self._norm(s, g) / self.cfg.period_steps for g in sorted(chosen)], dtype=torch.float64
+            )
         self.active = {k: picked.get(k, []) for k in self.sets}
         self.history.append({"period": period, "step": self.step_count, "selected": picked})
 
@@ -170,10 +178,20 @@ class LHSPG:
             else:
                 p.data.index_copy_(sl.dim, idx, p.data.index_select(sl.dim, idx) * factor)
 
+    def _norm(self, s: StructureSet, g: int) -> float:
+        gi = torch.tensor([g])
+        total = 0.0
+        for sl in s.slices:
+            if sl.zero and sl.lora is None:
+                x = self.params[sl.param].data.index_select(sl.dim, sl.index[gi].flatten())
+                total += float((x.float() ** 2).sum())
+        return total**0.5
+
     def _hsp(self, key: str, groups: list[int]) -> None:
         s = self.sets[key]
-        lr, eps = self.cfg.lr, self.cfg.epsilon
+        eps = self.cfg.epsilon
         lam = self.lambdas[key]
+        scale = self.scales[key]
         for i, g in enumerate(groups):
             gi = torch.tensor([g])
             base = [sl for sl in s.slices if sl.zero and sl.lora is None]
@@ -192,12 +210,13 @@ class LHSPG:
             if norm == 0:
                 continue
             trial = [
-                x + (d if d is not None else 0) - lr * float(lam[i]) * x / norm
+                x + (d if d is not None else 0) - float(lam[i] * scale[i]) * x / norm
                 for x, d in zip(parts, deltas, strict=False)
             ]
             inner = sum((x.float() * w.float()).sum() for x, w in zip(trial, parts, strict=False))
             if inner < eps * norm**2:
                 self._scale(s, [g], 0.0)
+                self.projected_early += 1
             else:
                 for sl, x in zip(base, trial, strict=False):
                     p = self.params[sl.param]
@@ -239,7 +258,9 @@ class LHSPG:
             "pruned": {k: sorted(v) for k, v in self.pruned.items()},
             "active": {k: list(v) for k, v in self.active.items()},
             "lambdas": {k: v.tolist() for k, v in self.lambdas.items()},
+            "scales": {k: v.tolist() for k, v in self.scales.items()},
             "history": self.history,
+            "projected_early": self.projected_early,
             "inner": copy.deepcopy(self.inner.state_dict()),  # torch's load_state_dict may alias tensors
         }
 
@@ -249,5 +270,7 @@ class LHSPG:
         self.pruned = {k: set(v) for k, v in state["pruned"].items()}
         self.active = {k: list(v) for k, v in state["active"].items()}
         self.lambdas = {k: torch.tensor(v, dtype=torch.float64) for k, v in state["lambdas"].items()}
+        self.scales = {k: torch.tensor(v, dtype=torch.float64) for k, v in state.get("scales", {}).items()}
         self.history = list(state["history"])
+        self.projected_early = int(state.get("projected_early", 0))
         self.inner.load_state_dict(state["inner"])

@@ -26,7 +26,7 @@ def setup(case: Case, mode: str):
         elif s.kind == "mlp_channel":
             quotas[s.key] = {0: 10}
             s.protected[:5] = True
-    cfg = LHSPGConfig(mode=mode, warmup_steps=2, periods=3, period_steps=4, lr=1e-2, lambda_init=0.5)
+    cfg = LHSPGConfig(mode=mode, warmup_steps=2, periods=3, period_steps=4, lr=1e-2, lambda_init=3.0)
     return model, st, quotas, LHSPG(model, st, quotas, cfg)
 
 
@@ -66,6 +66,8 @@ def test_exact_counts_and_removed_stay_zero(case: Case, mode: str) -> None:
         s = opt.sets[key]
         assert len(opt.removed()[key]) == q[0]
         assert not any(s.protected[g] for g in opt.removed()[key]), "a protected group was removed"
+    if mode == "hsp":
+        assert opt.projected_early > 0, "the half-space projection never fired before a period's end"
 
 
 def test_unprunable_groups_get_plain_adamw_updates() -> None:
