@@ -140,8 +140,9 @@ class EmbeddedDispatcher:
         if self._thread is None or not self._thread.is_alive():
             raise RuntimeError("the embedded worker thread is not running")
 
-    def close(self, timeout: float = 5.0) -> None:
-        """Ask the thread to stop after the current job, and wait ``timeout`` seconds at most."""
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the thread: a running job checkpoints at its next step and goes back to ``queued`` (the next start
+        resumes it). Waits ``timeout`` seconds at most; after that the job's heartbeat goes stale instead."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
@@ -166,7 +167,7 @@ class EmbeddedDispatcher:
                         log.exception("reconcile failed")
                 continue
             try:
-                run_job(job_id, settings=self.settings)
+                run_job(job_id, settings=self.settings, stopping=self._stop.is_set)
             except Exception:  # run_job records failures itself; this is a bug or the database being down
                 log.exception("embedded worker: job %s raised", job_id)
             finally:

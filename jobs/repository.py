@@ -198,6 +198,15 @@ class JobRepository:
         )
         return _changed(res) == 1
 
+    def release(self, job_id: str, worker: str, now: datetime) -> bool:
+        """``running -> queued`` by the worker that holds the job (it stopped at a checkpoint to shut down)."""
+        res = self.session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.worker == worker, Job.status == JobStatus.RUNNING.value)
+            .values(status=JobStatus.QUEUED.value, worker=None, enqueued_at=now)
+        )
+        return _changed(res) == 1
+
     # ---- reconciliation ------------------------------------------------------------------------------------------
 
     def stale_running(self, stale_before: datetime) -> Sequence[Job]:

@@ -25,6 +25,7 @@ import socket
 import threading
 import traceback
 import uuid
+from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from enum import Enum
 from pathlib import Path
@@ -50,6 +51,7 @@ class Outcome(str, Enum):
     FAILED = "failed"
     CANCELLED = "cancelled"
     LOST = "lost"  # another worker took the job over while this one ran
+    REQUEUED = "requeued"  # the worker is shutting down: checkpointed and put back in the queue
 
 
 def worker_identity() -> str:
@@ -100,8 +102,11 @@ def _jsonable(value: Any) -> Any:
 class _Attempt:
     """State of one attempt: the holder identity, the heartbeat thread, and whether the claim was lost."""
 
-    def __init__(self, settings: Settings, job_id: str, attempt: int, worker: str) -> None:
+    def __init__(
+        self, settings: Settings, job_id: str, attempt: int, worker: str, stopping: Callable[[], bool] | None
+    ) -> None:
         self.settings = settings
+        self.stopping = stopping
         self.job_id = job_id
         self.attempt = attempt
         self.worker = worker
@@ -170,8 +175,8 @@ class _Attempt:
             repo.add_event(row, points)
 
     def should_cancel(self) -> bool:
-        """True when the cancel flag is set or this worker lost the job."""
-        if self.lost.is_set():
+        """True when the cancel flag is set, this worker lost the job, or the worker is shutting down."""
+        if self.lost.is_set() or (self.stopping is not None and self.stopping()):
             return True
         with session_scope(self.sessions) as s:
             return JobRepository(s).cancel_requested(self.job_id)
@@ -223,12 +228,16 @@ def classify(exc: BaseException, stage: str, settings: Settings) -> dict[str, An
     return {"code": ErrorCode.PLATFORM_ERROR.value, "type": kind, "message": message, "field": None, "detail": detail}
 
 
-def run_job(job_id: str, *, settings: Settings | None = None) -> Outcome:
+def run_job(
+    job_id: str, *, settings: Settings | None = None, stopping: Callable[[], bool] | None = None
+) -> Outcome:
     """Run job ``job_id`` to a terminal state (see the module docstring). Safe to call more than once.
 
     Args:
         job_id: the job's id; the only thing a task message carries.
         settings: service settings (default: from the environment).
+        stopping: polled with the cancel flag; when it returns True the pipeline checkpoints and stops, and the
+            job goes back to ``queued`` (a graceful shutdown of the embedded worker).
 
     Returns:
         What happened; ``SKIPPED`` when the job was not claimable.
@@ -248,7 +257,7 @@ def run_job(job_id: str, *, settings: Settings | None = None) -> Outcome:
         assert job is not None
         spec_dict, attempt = dict(job.spec), job.attempt
 
-    with _Attempt(settings, job_id, attempt, worker) as run:
+    with _Attempt(settings, job_id, attempt, worker, stopping) as run:
         run.log(f"attempt {attempt} started on {socket.gethostname()}", attempt=attempt, worker=worker)
         log.info("job %s: attempt %d claimed by %s", job_id, attempt, worker)
         try:
@@ -322,6 +331,13 @@ def _end_with_error(settings: Settings, job_id: str, run: _Attempt, exc: BaseExc
     if run.lost.is_set():
         log.warning("job %s: stopped after losing the claim", job_id)
         return Outcome.LOST
+    if isinstance(exc, Cancelled) and run.stopping is not None and run.stopping():
+        with session_scope(run.sessions) as s:
+            requeued = JobRepository(s).release(job_id, run.worker, utcnow())
+        if requeued:
+            run.log("worker shutting down: checkpoint written, job re-queued")
+        log.info("job %s: re-queued at shutdown", job_id)
+        return Outcome.REQUEUED if requeued else Outcome.LOST
     if isinstance(exc, Cancelled):
         with session_scope(run.sessions) as s:
             done = JobRepository(s).finish(job_id, run.worker, JobStatus.CANCELLED, utcnow())

@@ -250,8 +250,8 @@ class JobService:
             entry = files.get(member)
             if entry is None:
                 raise NotFound(f"{member!r} is not a file of artifact {art.name}", field="path")
-            return Download(filename=Path(member).name, path=_existing(base / entry["path"]), size=entry["size"])
-        entries = [(f"{art.name}/{p}", _existing(base / p), f["size"]) for p, f in sorted(files.items())]
+            return Download(filename=Path(member).name, path=_member(base, entry["path"]), size=entry["size"])
+        entries = [(f"{art.name}/{p}", _member(base, p), f["size"]) for p, f in sorted(files.items())]
         return Download(filename=f"{job_id}-{art.name}.tar", tar_entries=entries)
 
 
@@ -260,6 +260,14 @@ class Gone(ServiceError):
 
     status_code = 410
     code = "artifact_gone"
+
+
+def _member(base: Path, relative: str) -> Path:
+    """A manifest entry resolved inside its directory artifact (a symlink placed there later cannot escape)."""
+    try:
+        return _existing(resolve_inside(base, relative))
+    except PermissionError:
+        raise Gone("the artifact's file is no longer what was recorded") from None
 
 
 def _existing(path: Path) -> Path:

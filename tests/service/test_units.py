@@ -186,3 +186,46 @@ def test_pipeline_user_error_becomes_a_failed_job(settings: Settings, tmp_path: 
     with session_scope(database(settings).sessions) as s:
         events: list[JobEvent] = JobRepository(s).events(job_id)[0]
     assert any(e.message.startswith("failed:") for e in events)
+
+
+@pytest.mark.slow
+def test_embedded_shutdown_requeues_and_resumes(settings: Settings) -> None:
+    """A worker stopping mid-job checkpoints, puts the job back in the queue, and the next run resumes it."""
+    import threading
+    import time
+
+    with session_scope(database(settings).sessions) as s:
+        body = {
+            "model": "stories260K",
+            "target_ratio": 0.2,
+            "lhspg": {"warmup_steps": 2, "periods": 2, "period_steps": 20, "batch_size": 4, "seq_len": 64},
+            "recovery": {"rounds": 1, "steps_per_round": 3, "batch_size": 4, "seq_len": 64},
+            "analysis": {"max_tokens": 2048},
+            "evaluation": {"max_windows": 8},
+            "runtime": {"checkpoint_every": 5},
+        }
+        job_id = JobService(s, settings, "local").create(body)[0].id
+    stop = threading.Event()
+    outcome: list[Outcome] = []
+    t = threading.Thread(target=lambda: outcome.append(run_job(job_id, settings=settings, stopping=stop.is_set)))
+    t.start()
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        job = _job(settings, job_id)
+        if job.stage == "prune" and job.step >= 7:
+            break
+        time.sleep(0.2)
+    stop.set()
+    t.join(timeout=300)
+    assert outcome == [Outcome.REQUEUED]
+    job = _job(settings, job_id)
+    assert (job.status, job.attempt, job.worker) == ("queued", 1, None)
+    assert run_job(job_id, settings=settings) is Outcome.SUCCEEDED
+    job = _job(settings, job_id)
+    assert (job.status, job.attempt) == ("succeeded", 2)
+    with session_scope(database(settings).sessions) as s:
+        events = JobRepository(s).events(job_id, limit=1000)[0]
+    assert any("re-queued" in e.message for e in events if e.attempt == 1)
+    assert any("resumed" in e.message for e in events if e.attempt == 2)
+    steps = [e.step for e in events if e.attempt == 2 and e.stage == "prune" and e.kind == "progress"]
+    assert steps and min(steps) > 1
