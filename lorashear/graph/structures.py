@@ -243,6 +243,19 @@ def discover(
         model.train(was_training)
 
 
+@dataclass
+class _Ctx:
+    """What every set builder needs: the model, the trace, the config sizes, the probe input, check log."""
+
+    model: nn.Module
+    units: dict[str, Unit]
+    shape: ModelShape
+    probe_ids: torch.Tensor
+    params: dict[str, torch.Tensor]
+    gen: torch.Generator
+    checks: list[str]
+
+
 def _mismatch(msg: str) -> UnsupportedModelError:
     return UnsupportedModelError(f"structure discovery: {msg}", field="model")
 
@@ -274,12 +287,12 @@ def _build(
         )
     checks: list[str] = []
     sets: list[StructureSet] = []
-    gen = torch.Generator().manual_seed(seed)
+    ctx = _Ctx(model, units, shape, probe_ids, params, torch.Generator().manual_seed(seed), checks)
     for layer, sp in enumerate(attn_spaces):
-        sets.extend(_attention_sets(model, units, sp, shape, layer, attention, probe_ids, params, checks))
+        sets.extend(_attention_sets(ctx, sp, layer, attention))
     for layer, sp in enumerate(mlp_spaces):
-        sets.append(_mlp_set(model, units, sp, shape, layer, mlp, probe_ids, params, gen, checks))
-    sets.append(_hidden_set(model, units, hidden_spaces[0], shape, hidden, probe_ids, params, gen, checks))
+        sets.append(_mlp_set(ctx, sp, layer, mlp))
+    sets.append(_hidden_set(ctx, hidden_spaces[0], hidden))
     used = {sl.param for s in sets for sl in s.slices}
     return Structures(sets, shape, counts, checks, {n: tuple(params[n].shape) for n in used})
 
@@ -324,17 +337,15 @@ def _base_params_per_group(slices: list[SliceSpec], params: dict[str, torch.Tens
     return total
 
 
-def _attention_sets(
-    model: nn.Module,
-    units: dict[str, Unit],
-    sp: Space,
-    shape: ModelShape,
-    layer: int,
-    prunable: bool,
-    probe_ids: torch.Tensor,
-    params: dict[str, torch.Tensor],
-    checks: list[str],
-) -> list[StructureSet]:
+def _attention_sets(ctx: _Ctx, sp: Space, layer: int, prunable: bool) -> list[StructureSet]:
+    model, units, shape, probe_ids, params, checks = (
+        ctx.model,
+        ctx.units,
+        ctx.shape,
+        ctx.probe_ids,
+        ctx.params,
+        ctx.checks,
+    )
     hd, rep, nh, nkv = shape.head_dim, shape.n_rep, shape.num_heads, shape.num_kv_heads
     prod, prod_b, cons, cons_a = _split(units, sp)
     if len(cons) != 1 or cons[0].in_features != nh * hd:
@@ -433,18 +444,16 @@ def _attention_sets(
     return sets
 
 
-def _mlp_set(
-    model: nn.Module,
-    units: dict[str, Unit],
-    sp: Space,
-    shape: ModelShape,
-    layer: int,
-    prunable: bool,
-    probe_ids: torch.Tensor,
-    params: dict[str, torch.Tensor],
-    gen: torch.Generator,
-    checks: list[str],
-) -> StructureSet:
+def _mlp_set(ctx: _Ctx, sp: Space, layer: int, prunable: bool) -> StructureSet:
+    model, units, shape, probe_ids, params, checks = (
+        ctx.model,
+        ctx.units,
+        ctx.shape,
+        ctx.probe_ids,
+        ctx.params,
+        ctx.checks,
+    )
+    gen = ctx.gen
     inter = shape.intermediate_size
     prod, prod_b, cons, cons_a = _split(units, sp)
     if len(cons) != 1 or cons[0].in_features != inter or len(prod) != 2 or any(u.out_features != inter for u in prod):
@@ -481,17 +490,16 @@ def _mlp_set(
     )
 
 
-def _hidden_set(
-    model: nn.Module,
-    units: dict[str, Unit],
-    sp: Space,
-    shape: ModelShape,
-    prunable: bool,
-    probe_ids: torch.Tensor,
-    params: dict[str, torch.Tensor],
-    gen: torch.Generator,
-    checks: list[str],
-) -> StructureSet:
+def _hidden_set(ctx: _Ctx, sp: Space, prunable: bool) -> StructureSet:
+    model, units, shape, probe_ids, params, checks = (
+        ctx.model,
+        ctx.units,
+        ctx.shape,
+        ctx.probe_ids,
+        ctx.params,
+        ctx.checks,
+    )
+    gen = ctx.gen
     h = shape.hidden_size
     prod, prod_b, cons, cons_a = _split(units, sp)
     sub = torch.randperm(h, generator=gen)[: max(1, h // 4)]
