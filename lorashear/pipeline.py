@@ -308,6 +308,27 @@ class _Run:
             raise DataError(f"{field}: {ds.train} yields no training examples", field=field)
         return SubDataset(ds.name, train, val)
 
+    def _check_memory(self) -> None:
+        """Estimate peak training memory before starting; refuse on CUDA when it cannot fit."""
+        spec = self.spec
+        lora = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        batch, seq = max(
+            (spec.lhspg.batch_size, spec.lhspg.seq_len),
+            (spec.recovery.batch_size, spec.recovery.seq_len),
+            key=lambda bs: bs[0] * bs[1],
+        )
+        need = estimate_peak_bytes(self.shape, self.dtype, lora, batch, seq)
+        self.state["memory_estimate_bytes"] = need
+        if self.device.type == "cuda":
+            free, _total = torch.cuda.mem_get_info(self.device)
+            if need > free:
+                raise ConfigError(
+                    f"estimated peak memory {need / 2**30:.1f} GiB exceeds the {free / 2**30:.1f} GiB free on "
+                    f"{self.device}; lower lhspg/recovery batch_size or seq_len",
+                    field="lhspg.batch_size",
+                )
+        self.emit("load", "log", message=f"estimated peak memory {need / 2**20:,.0f} MiB for training")
+
     def _load_data(self) -> _Data:
         spec = self.spec
         r = spec.recovery
