@@ -228,9 +228,7 @@ def classify(exc: BaseException, stage: str, settings: Settings) -> dict[str, An
     return {"code": ErrorCode.PLATFORM_ERROR.value, "type": kind, "message": message, "field": None, "detail": detail}
 
 
-def run_job(
-    job_id: str, *, settings: Settings | None = None, stopping: Callable[[], bool] | None = None
-) -> Outcome:
+def run_job(job_id: str, *, settings: Settings | None = None, stopping: Callable[[], bool] | None = None) -> Outcome:
     """Run job ``job_id`` to a terminal state (see the module docstring). Safe to call more than once.
 
     Args:

@@ -29,8 +29,8 @@ def test_cancel_while_running(client) -> None:
 
 
 def test_worker_killed_mid_job_resumes_and_succeeds(client, stack) -> None:
-    job = client.post("/v1/jobs", json=slow_spec(period_steps=40)).json()
-    wait_for(client, job["id"], lambda j: _prune_step(j) >= 12, 300, "the prune stage to pass a checkpoint")
+    job = client.post("/v1/jobs", json=slow_spec(period_steps=30)).json()
+    wait_for(client, job["id"], lambda j: _prune_step(j) >= 8, 300, "the prune stage to pass a checkpoint")
     stack.kill_worker()
     killed = client.get(f"/v1/jobs/{job['id']}").json()
     assert killed["status"] == "running" and killed["attempt"] == 1  # nobody knows yet

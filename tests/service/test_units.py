@@ -198,7 +198,7 @@ def test_embedded_shutdown_requeues_and_resumes(settings: Settings) -> None:
         body = {
             "model": "stories260K",
             "target_ratio": 0.2,
-            "lhspg": {"warmup_steps": 2, "periods": 2, "period_steps": 20, "batch_size": 4, "seq_len": 64},
+            "lhspg": {"warmup_steps": 2, "periods": 2, "period_steps": 12, "batch_size": 4, "seq_len": 64},
             "recovery": {"rounds": 1, "steps_per_round": 3, "batch_size": 4, "seq_len": 64},
             "analysis": {"max_tokens": 2048},
             "evaluation": {"max_windows": 8},
