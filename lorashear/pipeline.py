@@ -393,6 +393,7 @@ class _Run:
 
         def progress(done: int, total: int) -> None:
             self.emit("analyze", "progress", done, total, "layer sensitivity")
+            self.check_cancel("analyze")  # between probes; a resumed run redoes the analysis
 
         analysis = analyze(
             self.model,
