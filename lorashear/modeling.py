@@ -100,6 +100,14 @@ def load_model(
         model = AutoModelForCausalLM.from_pretrained(str(src), **kwargs)
     except (OSError, ValueError, KeyError) as exc:
         raise UnsupportedModelError(f"cannot load {path.name}: {exc}", field="model") from None
+    if path.suffix == ".gguf":
+        # transformers dequantises GGUF weights to ``dtype`` but keeps the quantizer attached, which makes
+        # save_pretrained refuse the (plain float) model; the pruned export is an ordinary float checkpoint
+        model.hf_quantizer = None
+        model.is_quantized = False
+        model.quantization_method = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
     model.config.use_cache = False
     return model.to(device).eval()
 

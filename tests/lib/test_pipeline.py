@@ -198,6 +198,14 @@ def test_existing_adapter_and_separate_export(tmp_path: Path) -> None:
 
 
 def test_gguf_input(tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from lorashear.modeling import load_model
+
+    # a dequantised GGUF model saves as a plain float checkpoint (transformers keeps a quantizer attached)
+    load_model(BUNDLED_MODEL_ROOT / "stories260K-gguf" / "stories260K.gguf").save_pretrained(str(tmp_path / "f"))
+    _, info = AutoModelForCausalLM.from_pretrained(str(tmp_path / "f"), output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
     spec = spec_of(model="stories260K-gguf/stories260K.gguf")
     res = run(spec, tmp_path / "out", roots=Roots(), work_dir=tmp_path / "w")
     assert res.summary["params_before"] == 292_800  # untied output head in this GGUF
