@@ -26,6 +26,8 @@ import sys
 import time
 from pathlib import Path
 
+from lorashear.events import STAGES
+
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -129,7 +131,10 @@ def main() -> int:
             f"pruned {s['ppl_pruned']:.2f} | recovered {s['ppl_recovered']:.2f}"
         )
         print(f"   {'stage':<10}{'wall s':>10}{'peak RSS MiB':>15}")
-        for stage, t in report["timings"].items():
+        for stage in STAGES:
+            if stage not in report["timings"]:
+                continue
+            t = report["timings"][stage]
             print(f"   {stage:<10}{t['wall_s']:>10.1f}{t['cpu_peak_rss_mib']:>15.0f}")
     (out / "results.json").write_text(json.dumps(rows, indent=2))
     return 0
