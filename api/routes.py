@@ -117,7 +117,7 @@ async def list_events(
     service: ServiceDep,
     session: SessionDep,
     settings: SettingsDep,
-    after: Annotated[int, Query(ge=0, description="Return events with id > after")] = 0,
+    after: Annotated[int, Query(ge=0, le=2**63 - 1, description="Return events with id > after")] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     stream: Annotated[bool, Query(description="Server-Sent Events (same as Accept: text/event-stream)")] = False,
     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
@@ -130,7 +130,7 @@ async def list_events(
     await run_in_threadpool(service.get, job_id)  # 404 before the stream starts
     await run_in_threadpool(session.close)  # hold no transaction while streaming (SQLite: no lock)
     start = after
-    if last_event_id and last_event_id.isdigit():
+    if last_event_id and last_event_id.isdigit() and len(last_event_id) < 19:  # ids are 64-bit
         start = max(start, int(last_event_id))
     return StreamingResponse(
         event_stream(request, request.app.state.sessions, settings, service.owner, job_id, start),

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import warnings
@@ -174,6 +175,40 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive(name: str, minimum: int = 1):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name}: expected an integer, got {text!r}") from None
+        if value < minimum or value > 131_072 * 1024:
+            raise argparse.ArgumentTypeError(f"{name}: expected an integer >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def _fraction(name: str):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name}: expected a number, got {text!r}") from None
+        if not 0 <= value < 1:
+            raise argparse.ArgumentTypeError(f"{name}: expected a fraction in [0, 1), got {value}")
+        return value
+
+    return parse
+
+
+def _device(text: str) -> str:
+    import re
+
+    if not re.match(r"^(auto|cpu|cuda(:\d+)?)$", text):
+        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {text!r}")
+    return text
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from lorashear.data import TokenStream, read_text
     from lorashear.evaluation import perplexity
@@ -182,6 +217,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     path = _model_path(args.model)
     device = resolve_device(args.device)
     model = load_model(path, device=device)
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit and args.window > limit:
+        raise ConfigError(f"--window {args.window} exceeds the model's context of {limit} tokens", field="window")
     tok = load_tokenizer(path)
     stream = TokenStream.from_text(read_text(Path(args.data), "data"), tok)
     p = perplexity(
@@ -239,13 +277,17 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="print the minimally removable structures and per-type quotas")
     i.add_argument("model", help="model directory, .gguf file, or bundled name (stories260K)")
     i.add_argument("--adapter", help="existing PEFT LoRA adapter directory")
-    i.add_argument("--lora-rank", type=int, default=8)
-    i.add_argument("--target-ratio", type=float, default=0.2, help="fraction 0-1 of parameters to remove")
-    i.add_argument("--gamma", type=float, default=0.1, help="unprunable ratio, fraction 0-1")
+    i.add_argument("--lora-rank", type=_positive("--lora-rank"), default=8)
+    i.add_argument(
+        "--target-ratio", type=_fraction("--target-ratio"), default=0.2, help="fraction 0-1 of parameters to remove"
+    )
+    i.add_argument("--gamma", type=_fraction("--gamma"), default=0.1, help="unprunable ratio, fraction 0-1")
     i.add_argument(
         "--attention-unit", default="auto", choices=("auto", "kv_group", "query_head"), help=docs.get("attention_unit")
     )
-    i.add_argument("--channel-multiple", type=int, default=1, help=docs.get("channel_multiple"))
+    i.add_argument(
+        "--channel-multiple", type=_positive("--channel-multiple"), default=1, help=docs.get("channel_multiple")
+    )
     i.add_argument("--hidden", action="store_true", help=docs.get("hidden"))
     i.add_argument("--no-attention", action="store_true")
     i.add_argument("--no-mlp", action="store_true")
@@ -254,11 +296,13 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="perplexity of a model on a text file, with its protocol")
     e.add_argument("model", help="model directory, .gguf file, or bundled name")
     e.add_argument("--data", required=True, help="text file (paragraphs separated by blank lines)")
-    e.add_argument("--window", type=int, default=128, help="tokens per window")
-    e.add_argument("--stride", type=int, default=None, help="tokens between windows (default: window)")
-    e.add_argument("--max-windows", type=int, default=None)
-    e.add_argument("--batch-size", type=int, default=8)
-    e.add_argument("--device", default="auto")
+    e.add_argument("--window", type=_positive("--window", 2), default=128, help="tokens per window")
+    e.add_argument(
+        "--stride", type=_positive("--stride"), default=None, help="tokens between windows (default: window)"
+    )
+    e.add_argument("--max-windows", type=_positive("--max-windows"), default=None)
+    e.add_argument("--batch-size", type=_positive("--batch-size"), default=8)
+    e.add_argument("--device", default="auto", type=_device, help="auto, cpu, cuda or cuda:N")
     e.add_argument("--json", action="store_true", help="print the result as JSON")
     e.set_defaults(func=cmd_eval)
 
@@ -269,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sv = sub.add_parser("serve", help="HTTP API with SQLite and an in-process worker (embedded default)")
     sv.add_argument("--host", default="127.0.0.1")
-    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--port", type=_positive("--port"), default=8000)
     sv.set_defaults(func=cmd_serve)
 
     d = sub.add_parser("demo", help="start the embedded service, submit a real job over HTTP and follow it")
@@ -294,6 +338,14 @@ def main(argv: list[str] | None = None) -> int:
         where = f" [{exc.field}]" if exc.field else ""
         print(f"error{where}: {exc.message}", file=sys.stderr)
         return 2 if exc.user_error else 1
+    except OSError as exc:  # unwritable output, missing file given on the command line
+        print(f"error: {exc.strerror or exc}{f' ({exc.filename})' if exc.filename else ''}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # a bug of ours: one line, the traceback only on request
+        if os.environ.get("LORASHEAR_DEBUG"):
+            raise
+        print(f"internal error: {type(exc).__name__}: {exc} (set LORASHEAR_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -53,11 +53,17 @@ def _check_ratio(path: str, value: Any, *, low_open: bool = False, high_open: bo
         raise _fail(path, f"expected a fraction in {lo}, {hi}, got {value!r}")
 
 
-def _check_int(path: str, value: Any, minimum: int = 0) -> None:
+MAX_STEPS = 10_000_000
+"""Upper bound of any step, round or period count: a spec must describe a job that can end."""
+MAX_TOKENS = 1_000_000_000
+"""Upper bound of token counts (calibration tokens, sequence lengths)."""
+
+
+def _check_int(path: str, value: Any, minimum: int = 0, maximum: int = 2**31 - 1) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise _fail(path, f"expected an integer, got {value!r}")
-    if value < minimum:
-        raise _fail(path, f"expected an integer >= {minimum}, got {value!r}")
+    if value < minimum or value > maximum:
+        raise _fail(path, f"expected an integer in [{minimum}, {maximum}], got {value!r}")
 
 
 def _check_positive(path: str, value: Any) -> None:
@@ -78,6 +84,8 @@ def check_name(path: str, value: Any) -> None:
     """
     if not isinstance(value, str) or not value:
         raise _fail(path, f"expected a non-empty name, got {value!r}")
+    if len(value) > 1024 or any(len(part) > 255 for part in value.split("/")):
+        raise _fail(path, f"name too long ({len(value)} characters; at most 255 per part and 1024 in all)")
     if not _NAME_RE.match(value) or any(part in ("..", ".") for part in value.split("/")):
         raise _fail(
             path,
@@ -198,7 +206,7 @@ class LoRAConfig(_Section):
     """Rank-stabilised scaling alpha / sqrt(r)."""
 
     def validate(self, path: str) -> None:
-        _check_int(f"{path}.rank", self.rank, 1)
+        _check_int(f"{path}.rank", self.rank, 1, 4096)
         _check_positive(f"{path}.alpha", self.alpha)
         _check_ratio(f"{path}.dropout", self.dropout, high_open=True)
         if not isinstance(self.target_modules, list) or not self.target_modules:
@@ -239,8 +247,8 @@ class StructureConfig(_Section):
         if not (self.attention or self.mlp or self.hidden):
             raise _fail(path, "at least one of attention, mlp, hidden must be true")
         _check_choice(f"{path}.attention_unit", self.attention_unit, ("auto", "kv_group", "query_head"))
-        _check_int(f"{path}.channel_multiple", self.channel_multiple, 1)
-        _check_int(f"{path}.hidden_multiple", self.hidden_multiple, 1)
+        _check_int(f"{path}.channel_multiple", self.channel_multiple, 1, 4096)
+        _check_int(f"{path}.hidden_multiple", self.hidden_multiple, 1, 4096)
         if self.attention_share is not None:
             _check_ratio(f"{path}.attention_share", self.attention_share)
 
@@ -265,8 +273,8 @@ class AnalysisConfig(_Section):
     def validate(self, path: str) -> None:
         _check_ratio(f"{path}.gamma", self.gamma, high_open=True)
         _check_ratio(f"{path}.ablation_fraction", self.ablation_fraction, low_open=True)
-        _check_int(f"{path}.max_tokens", self.max_tokens, 1)
-        _check_int(f"{path}.seq_len", self.seq_len, 8)
+        _check_int(f"{path}.max_tokens", self.max_tokens, 1, MAX_TOKENS)
+        _check_int(f"{path}.seq_len", self.seq_len, 8, 131_072)
 
 
 CRITERIA = ("magnitude", "avg_magnitude", "cosine", "taylor_first_order", "taylor_second_order")
@@ -313,14 +321,14 @@ class LHSPGConfig(_Section):
 
     def validate(self, path: str) -> None:
         _check_choice(f"{path}.mode", self.mode, ("decay", "hsp"))
-        _check_int(f"{path}.warmup_steps", self.warmup_steps, 0)
-        _check_int(f"{path}.periods", self.periods, 1)
-        _check_int(f"{path}.period_steps", self.period_steps, 1)
+        _check_int(f"{path}.warmup_steps", self.warmup_steps, 0, MAX_STEPS)
+        _check_int(f"{path}.periods", self.periods, 1, 10_000)
+        _check_int(f"{path}.period_steps", self.period_steps, 1, MAX_STEPS)
         _check_positive(f"{path}.lr", self.lr)
         if not isinstance(self.weight_decay, (int, float)) or self.weight_decay < 0:
             raise _fail(f"{path}.weight_decay", f"expected a number >= 0, got {self.weight_decay!r}")
-        _check_int(f"{path}.batch_size", self.batch_size, 1)
-        _check_int(f"{path}.seq_len", self.seq_len, 8)
+        _check_int(f"{path}.batch_size", self.batch_size, 1, 65_536)
+        _check_int(f"{path}.seq_len", self.seq_len, 8, 131_072)
         _check_ratio(f"{path}.epsilon", self.epsilon)
         if self.epsilon > 0.9:
             raise _fail(f"{path}.epsilon", f"expected a value in [0, 0.9], got {self.epsilon!r}")
@@ -337,6 +345,8 @@ class LHSPGConfig(_Section):
         if sum(self.criteria.values()) <= 0:
             raise _fail(f"{path}.criteria", "at least one criterion needs a positive weight")
         _check_positive(f"{path}.max_grad_norm", self.max_grad_norm)
+        if self.total_steps > MAX_STEPS:
+            raise _fail(f"{path}.period_steps", f"warm-up plus periods x period_steps exceeds {MAX_STEPS:,} steps")
 
     @property
     def total_steps(self) -> int:
@@ -459,19 +469,19 @@ class RecoveryConfig(_Section):
     """Validation batches per sub-dataset when measuring deviations."""
 
     def validate(self, path: str) -> None:
-        _check_int(f"{path}.rounds", self.rounds, 1)
-        _check_int(f"{path}.steps_per_round", self.steps_per_round, 1)
+        _check_int(f"{path}.rounds", self.rounds, 1, 10_000)
+        _check_int(f"{path}.steps_per_round", self.steps_per_round, 1, MAX_STEPS)
         if self.instruct_rounds is not None:
-            _check_int(f"{path}.instruct_rounds", self.instruct_rounds, 0)
+            _check_int(f"{path}.instruct_rounds", self.instruct_rounds, 0, 10_000)
         _check_positive(f"{path}.lr", self.lr)
-        _check_int(f"{path}.batch_size", self.batch_size, 1)
-        _check_int(f"{path}.seq_len", self.seq_len, 8)
+        _check_int(f"{path}.batch_size", self.batch_size, 1, 65_536)
+        _check_int(f"{path}.seq_len", self.seq_len, 8, 131_072)
         _check_choice(f"{path}.weighting", self.weighting, ("linear", "exp"))
         _check_positive(f"{path}.eta", self.eta)
         _check_ratio(f"{path}.uniform_share", self.uniform_share)
         if not isinstance(self.tau, (int, float)) or self.tau < 0:
             raise _fail(f"{path}.tau", f"expected a number >= 0, got {self.tau!r}")
-        _check_int(f"{path}.eval_batches", self.eval_batches, 1)
+        _check_int(f"{path}.eval_batches", self.eval_batches, 1, 100_000)
 
 
 @dataclass
@@ -490,14 +500,14 @@ class EvaluationConfig(_Section):
     """Windows per forward pass."""
 
     def validate(self, path: str) -> None:
-        _check_int(f"{path}.window", self.window, 2)
+        _check_int(f"{path}.window", self.window, 2, 131_072)
         if self.stride is not None:
-            _check_int(f"{path}.stride", self.stride, 1)
+            _check_int(f"{path}.stride", self.stride, 1, 131_072)
             if self.stride > self.window:
                 raise _fail(f"{path}.stride", f"stride {self.stride} exceeds window {self.window}")
         if self.max_windows is not None:
-            _check_int(f"{path}.max_windows", self.max_windows, 1)
-        _check_int(f"{path}.batch_size", self.batch_size, 1)
+            _check_int(f"{path}.max_windows", self.max_windows, 1, MAX_TOKENS)
+        _check_int(f"{path}.batch_size", self.batch_size, 1, 65_536)
 
 
 @dataclass
@@ -540,9 +550,9 @@ class RuntimeConfig(_Section):
         _check_choice(f"{path}.dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
         if self.dtype == "float16" and self.device == "cpu":
             raise _fail(f"{path}.dtype", "float16 is not supported on CPU; use float32 (or auto)")
-        _check_int(f"{path}.checkpoint_every", self.checkpoint_every, 1)
+        _check_int(f"{path}.checkpoint_every", self.checkpoint_every, 1, MAX_STEPS)
         if self.threads is not None:
-            _check_int(f"{path}.threads", self.threads, 1)
+            _check_int(f"{path}.threads", self.threads, 1, 1024)
 
 
 @dataclass
@@ -645,6 +655,8 @@ def load_spec_file(path: str) -> JobSpec:
             text = fh.read()
     except OSError as exc:
         raise ConfigError(f"cannot read spec file {path!r}: {exc.strerror}", field="spec") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"spec file {path!r} is not UTF-8 text", field="spec") from None
     if path.endswith((".yaml", ".yml")):
         try:
             import yaml  # type: ignore[import-untyped]

@@ -12,6 +12,7 @@ and ``pruned_base/`` when the LoRA is also kept separately, ``plan.json`` (repla
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import logging
@@ -54,7 +55,7 @@ from lorashear.modeling import (
     write_json,
 )
 from lorashear.optim import LHSPG
-from lorashear.preflight import read_model_config
+from lorashear.preflight import preflight
 from lorashear.prune import check_exact, kept_indices, make_plan, rescale_norms_, slice_, stock_loadable
 from lorashear.recovery import SubDataset, batch_loss, mix_weights, round_record
 from lorashear.resolve import Roots
@@ -227,8 +228,9 @@ class _Run:
             torch.set_num_threads(spec.runtime.threads)
         self.device = resolve_device(spec.runtime.device)
         self.dtype = resolve_dtype(spec.runtime.dtype, self.device)
-        self.model_path = self.roots.model(spec.model)
-        self.shape = ModelShape.from_config(read_model_config(self.model_path))
+        checked = preflight(spec, self.roots)  # the same checks the API runs before queueing
+        self.model_path = checked.model_path
+        self.shape = checked.shape
         torch.manual_seed(spec.seed)
         base = load_model(self.model_path, dtype=self.dtype, device=self.device)
         self.emit("load", "progress", 1, 3, "model loaded")
@@ -239,6 +241,16 @@ class _Run:
                 "it has modules this library does not know",
                 field="model",
             )
+        limit = getattr(base.config, "max_position_embeddings", None)
+        if limit:
+            for fld, value in (
+                ("evaluation.window", spec.evaluation.window),
+                ("lhspg.seq_len", spec.lhspg.seq_len),
+                ("recovery.seq_len", spec.recovery.seq_len),
+                ("analysis.seq_len", spec.analysis.seq_len),
+            ):
+                if value > limit:
+                    raise ConfigError(f"{fld}: {value} tokens exceed the model's context of {limit}", field=fld)
         self.tokenizer = load_tokenizer(self.model_path)
         adapter = self.roots.adapter(spec.adapter) if spec.adapter else None
         self.model = attach_lora(base, spec.lora, adapter=adapter)
@@ -916,7 +928,11 @@ def run(
         raise ConfigError(f"output directory {output_dir} already exists", field="output")
     work = Path(work_dir) if work_dir is not None else output_dir.with_name(output_dir.name + ".work")
     work.mkdir(parents=True, exist_ok=True)
-    return _Run(spec, output_dir, roots or Roots.from_env(), work, on_event, should_cancel).execute()
+    try:
+        return _Run(spec, output_dir, roots or Roots.from_env(), work, on_event, should_cancel).execute()
+    finally:
+        with contextlib.suppress(OSError):
+            work.rmdir()  # only when empty: a checkpoint to resume from stays
 
 
 __all__ = ["RunResult", "run", "set_quotas"]

@@ -14,7 +14,7 @@ from typing import Any
 
 from lorashear.budget import ModelShape, Quotas, plan_quotas
 from lorashear.config import JobSpec
-from lorashear.errors import AdapterMismatchError, UnsupportedModelError
+from lorashear.errors import AdapterMismatchError, ConfigError, UnsupportedModelError
 from lorashear.resolve import Roots
 
 
@@ -163,6 +163,12 @@ def preflight(spec: JobSpec, roots: Roots) -> PreflightResult:
     """
     model_path = roots.model(spec.model)
     shape = ModelShape.from_config(read_model_config(model_path))
+    smallest = min(shape.hidden_size, shape.num_kv_heads * shape.head_dim)
+    if spec.adapter is None and spec.lora.rank > smallest:
+        raise ConfigError(
+            f"lora.rank: {spec.lora.rank} exceeds the smallest adapted dimension of this model ({smallest})",
+            field="lora.rank",
+        )
     if spec.adapter is not None:
         check_adapter(roots.adapter(spec.adapter), shape)
     roots.data(spec.data.calibration, "data.calibration")

@@ -43,7 +43,10 @@ class Roots:
     def _inside(self, root: Path, name: str, field: str) -> Path:
         check_name(field, name)
         root = root.resolve()
-        path = (root / name).resolve()
+        try:
+            path = (root / name).resolve()
+        except (OSError, RuntimeError) as exc:  # e.g. a symlink loop
+            raise ConfigError(f"{field}: {name!r} cannot be resolved: {exc}", field=field) from None
         if path != root and root not in path.parents:  # a symlink pointing out of the root
             raise ConfigError(f"{field}: {name!r} resolves outside the configured root", field=field)
         return path

@@ -57,6 +57,10 @@ def perplexity(
     Raises:
         ValueError: the text holds fewer than ``window`` tokens.
     """
+    if window < 2 or (stride is not None and not 1 <= stride <= window) or batch_size < 1:
+        raise ValueError(
+            f"need window >= 2, 1 <= stride <= window, batch_size >= 1 (got {window}, {stride}, {batch_size})"
+        )
     stride = stride or window
     ids = stream.ids
     n = ids.numel()

@@ -57,6 +57,10 @@ def test_unknown_key_warns_and_is_ignored() -> None:
         ),
         ({"model": "m", "structures": {"attention": False, "mlp": False}}, "structures"),
         ({"model": "m", "version": 9}, "version"),
+        ({"model": "m", "lora": {"rank": 10**9}}, "lora.rank"),
+        ({"model": "x" * 300}, "model"),
+        ({"model": "m", "lhspg": {"warmup_steps": 10**20}}, "lhspg.warmup_steps"),
+        ({"model": "m", "lhspg": {"periods": 10_000, "period_steps": 10_000}}, "lhspg.period_steps"),
     ],
 )
 def test_bad_specs_name_the_field(spec: dict, field: str) -> None:
@@ -120,6 +124,26 @@ def test_preflight_rejects_bad_names_and_models(tmp_path) -> None:
     (tmp_path / "models" / "escape").symlink_to("/etc")
     with pytest.raises(ConfigError, match="outside"):
         preflight(JobSpec.from_dict({"model": "escape"}), Roots(tmp_path / "models", roots.data_root))
+
+
+def test_preflight_bounds_lora_rank_by_the_model() -> None:
+    with pytest.raises(ConfigError) as info:
+        preflight(JobSpec.from_dict({"model": "stories260K", "lora": {"rank": 65}}), Roots())
+    assert info.value.field == "lora.rank"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["eval", "stories260K", "--data", "x.txt", "--window", "-5"],
+        ["eval", "stories260K", "--data", "x.txt", "--device", "banana"],
+        ["inspect", "stories260K", "--gamma", "2"],
+    ],
+)
+def test_cli_rejects_bad_arguments_without_traceback(argv: list[str]) -> None:
+    out = subprocess.run([sys.executable, "-m", "lorashear.cli", *argv], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr and "error" in out.stderr
 
 
 def test_lean_import_without_torch() -> None:
