@@ -551,7 +551,7 @@ class _Run:
         if hidden:
             tol = float("inf")  # RMSNorm's epsilon makes hidden-dimension removal close, not exact
         elif check_dtype == torch.float64:
-            tol = 1e-6
+            tol = 1e-4  # RMSNorm and RoPE still compute in float32 inside the float64 model
         else:
             tol = (1e-4 if check_dtype == torch.float32 else 5e-2) * max(1.0, float(before.abs().max()) / 10)
         diff = check_exact(before, after, tol=tol, what="compression")
