@@ -522,8 +522,6 @@ class ExportConfig(_Section):
     """Also save the LoRA as a PEFT adapter (``adapter/``) with the pruned base it fits (``pruned_base/``)."""
     dtype: str = "float32"
     """Storage dtype of the exported weights: float32, bfloat16 or float16."""
-    round_widths: bool = True
-    """Apply ``structures.channel_multiple`` rounding when planning quotas."""
 
     def validate(self, path: str) -> None:
         _check_choice(f"{path}.dtype", self.dtype, ("float32", "bfloat16", "float16"))
