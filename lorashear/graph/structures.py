@@ -338,14 +338,7 @@ def _base_params_per_group(slices: list[SliceSpec], params: dict[str, torch.Tens
 
 
 def _attention_sets(ctx: _Ctx, sp: Space, layer: int, prunable: bool) -> list[StructureSet]:
-    model, units, shape, probe_ids, params, checks = (
-        ctx.model,
-        ctx.units,
-        ctx.shape,
-        ctx.probe_ids,
-        ctx.params,
-        ctx.checks,
-    )
+    model, units, shape, params = ctx.model, ctx.units, ctx.shape, ctx.params
     hd, rep, nh, nkv = shape.head_dim, shape.n_rep, shape.num_heads, shape.num_kv_heads
     prod, prod_b, cons, cons_a = _split(units, sp)
     if len(cons) != 1 or cons[0].in_features != nh * hd:
@@ -385,7 +378,7 @@ def _attention_sets(ctx: _Ctx, sp: Space, layer: int, prunable: bool) -> list[St
         rows = torch.arange(h * hd, (h + 1) * hd)
         for m in mods(q):
             perturb[m].append((1 + nkv + h, rows, 3.0))
-    batch = probe_ids.expand(1 + nkv + nh, -1)
+    batch = ctx.probe_ids.expand(1 + nkv + nh, -1)
     got = _run_probes(model, batch, perturb, [o.module], o.module)[o.module]  # (B, T, nh*hd)
     base = got[0]
     for j in range(nkv):
@@ -397,7 +390,7 @@ def _attention_sets(ctx: _Ctx, sp: Space, layer: int, prunable: bool) -> list[St
         changed = _changed_cols(got[1 + nkv + h], base)
         if not changed <= want or len(changed) < len(want) // 2:
             raise _mismatch(f"layer {layer}: query head {h} does not map to its {hd} output channels")
-    checks.append(f"attention@{layer}: {nkv} KV heads x {rep} query heads x head_dim {hd} verified")
+    ctx.checks.append(f"attention@{layer}: {nkv} KV heads x {rep} query heads x head_dim {hd} verified")
 
     o_a = cons_a.get(_prefix(o))
     sets = []
@@ -445,15 +438,7 @@ def _attention_sets(ctx: _Ctx, sp: Space, layer: int, prunable: bool) -> list[St
 
 
 def _mlp_set(ctx: _Ctx, sp: Space, layer: int, prunable: bool) -> StructureSet:
-    model, units, shape, probe_ids, params, checks = (
-        ctx.model,
-        ctx.units,
-        ctx.shape,
-        ctx.probe_ids,
-        ctx.params,
-        ctx.checks,
-    )
-    gen = ctx.gen
+    model, units, shape, params = ctx.model, ctx.units, ctx.shape, ctx.params
     inter = shape.intermediate_size
     prod, prod_b, cons, cons_a = _split(units, sp)
     if len(cons) != 1 or cons[0].in_features != inter or len(prod) != 2 or any(u.out_features != inter for u in prod):
@@ -462,15 +447,15 @@ def _mlp_set(ctx: _Ctx, sp: Space, layer: int, prunable: bool) -> StructureSet:
     perturb: dict[nn.Module, list[tuple[int, torch.Tensor, float]]] = {}
     subsets = []
     for i, u in enumerate(prod):
-        sub = torch.randperm(inter, generator=gen)[: max(1, inter // 3)]
+        sub = torch.randperm(inter, generator=ctx.gen)[: max(1, inter // 3)]
         subsets.append(set(sub.tolist()))
         for m in [u.module] + ([prod_b[_prefix(u)].module] if _prefix(u) in prod_b else []):
             perturb.setdefault(m, []).append((1 + i, sub, 0.0))
-    got = _run_probes(model, probe_ids.expand(1 + len(prod), -1), perturb, [down.module], down.module)[down.module]
+    got = _run_probes(model, ctx.probe_ids.expand(1 + len(prod), -1), perturb, [down.module], down.module)[down.module]
     for i, u in enumerate(prod):
         if not _zeroes_exactly(got[1 + i], got[0], subsets[i]):
             raise _mismatch(f"layer {layer}: zeroing {u.name} channels does not zero the same down_proj inputs")
-    checks.append(f"mlp@{layer}: {inter} channels, zero-invariance of both input projections verified")
+    ctx.checks.append(f"mlp@{layer}: {inter} channels, zero-invariance of both input projections verified")
     idx = torch.arange(inter).unsqueeze(1)
     slices: list[SliceSpec] = []
     for u in prod:
@@ -491,28 +476,20 @@ def _mlp_set(ctx: _Ctx, sp: Space, layer: int, prunable: bool) -> StructureSet:
 
 
 def _hidden_set(ctx: _Ctx, sp: Space, prunable: bool) -> StructureSet:
-    model, units, shape, probe_ids, params, checks = (
-        ctx.model,
-        ctx.units,
-        ctx.shape,
-        ctx.probe_ids,
-        ctx.params,
-        ctx.checks,
-    )
-    gen = ctx.gen
+    model, units, shape, params = ctx.model, ctx.units, ctx.shape, ctx.params
     h = shape.hidden_size
     prod, prod_b, cons, cons_a = _split(units, sp)
-    sub = torch.randperm(h, generator=gen)[: max(1, h // 4)]
+    sub = torch.randperm(h, generator=ctx.gen)[: max(1, h // 4)]
     perturb: dict[nn.Module, list[tuple[int, torch.Tensor, float]]] = {}
     for u in prod:
         for m in [u.module] + ([prod_b[_prefix(u)].module] if _prefix(u) in prod_b else []):
             perturb.setdefault(m, []).append((1, sub, 0.0))
-    got = _run_probes(model, probe_ids.expand(2, -1), perturb, [u.module for u in cons], None)
+    got = _run_probes(model, ctx.probe_ids.expand(2, -1), perturb, [u.module for u in cons], None)
     want = set(sub.tolist())
     for u in cons:
         if u.in_features != h or not _zeroes_exactly(got[u.module][1], got[u.module][0], want):
             raise _mismatch(f"hidden dimension: {u.name} does not read the residual stream channel by channel")
-    checks.append(f"hidden: {h} dims, {len(prod)} producers, {len(cons)} consumers verified")
+    ctx.checks.append(f"hidden: {h} dims, {len(prod)} producers, {len(cons)} consumers verified")
     idx = torch.arange(h).unsqueeze(1)
     slices: list[SliceSpec] = []
     seen: set[int] = set()
