@@ -722,7 +722,15 @@ class _Run:
             merged = self.model.merge_and_unload()
             merged.config.use_cache = True
             merged, self.export_note = stock_loadable(merged)
-            merged.to(dtype).save_pretrained(str(staging / "model"))
+            merged.to(dtype)
+            with torch.no_grad():
+                merged_logits = merged.eval()(input_ids=probe, use_cache=False).logits.float().cpu()
+            # merging s*B*A into W reorders fp32 sums: noise, but a wrong merge would be O(1)
+            self.merge_diff = float((merged_logits - reference).abs().max())
+            scale = max(1.0, float(reference.abs().max()) / 10)
+            if self.merge_diff > (1e-2 if dtype == torch.float32 else 0.5) * scale:
+                raise ExactnessError(f"merging the LoRA changed the logits by {self.merge_diff:.3g}")
+            merged.save_pretrained(str(staging / "model"))
             self.tokenizer.save_pretrained(str(staging / "model"))
             artifacts["model"] = self.output_dir / "model"
         self.emit("export", "progress", 1, 3, "weights written")
@@ -733,14 +741,20 @@ class _Run:
         bad = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
         if bad:
             raise ExactnessError(f"exported model does not reload cleanly: {bad}")
-        reload_diff = None
-        if not keep_adapter or spec.export.merge_lora:
-            with torch.no_grad():
-                got = loaded.to(self.device).eval()(input_ids=probe, use_cache=False).logits.float().cpu()
-            reload_diff = float((got - reference).abs().max())
-            tol = 1e-3 if dtype == torch.float32 else 0.25
-            if reload_diff > tol:
-                raise ExactnessError(f"reloaded model's logits differ by {reload_diff:.3g} from the pipeline's")
+        check = loaded.to(self.device)
+        if spec.export.merge_lora:
+            expected = merged_logits
+        else:  # model/ is the pruned base: with its adapter it must compute what the pipeline computed
+            from peft import PeftModel
+
+            check = PeftModel.from_pretrained(check, str(staging / "adapter"))
+            expected = reference
+        with torch.no_grad():
+            got = check.eval()(input_ids=probe, use_cache=False).logits.float().cpu()
+        reload_diff = float((got - expected).abs().max())
+        tol = (1e-4 if dtype == torch.float32 else 0.25) * max(1.0, float(expected.abs().max()) / 10)
+        if reload_diff > tol:
+            raise ExactnessError(f"reloaded model's logits differ by {reload_diff:.3g} from the pipeline's")
         exported_params = count_params(loaded)
         self.export_arch = type(loaded).__name__
         del loaded
@@ -828,7 +842,11 @@ class _Run:
             "quotas": self.quotas.to_dict(),
             "analysis": res.get("analysis"),
             "lhspg": res.get("lhspg"),
-            "compression": {**res.get("compression", {}), "reload_max_abs_logit_diff": reload_diff},
+            "compression": {
+                **res.get("compression", {}),
+                "reload_max_abs_logit_diff": reload_diff,
+                "merge_max_abs_logit_diff": self.merge_diff,
+            },
             "export": {"architecture": self.export_arch, "note": self.export_note, "dtype": spec.export.dtype},
             "recovery": res.get("recovery"),
             "perplexity": {
@@ -854,6 +872,7 @@ class _Run:
     def execute(self) -> RunResult:
         self._resume_opt = None
         self.export_note: str | None = None
+        self.merge_diff: float | None = None
         self.export_arch = ""
         self.setup()
         loaded = ckpt.load(self.ckpt_dir, self.hash)

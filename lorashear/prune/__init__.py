@@ -243,6 +243,11 @@ def stock_loadable(model: nn.Module) -> tuple[nn.Module, str | None]:
         out = MistralForCausalLM(mcfg)
     state = model.state_dict()
     out.load_state_dict(state, strict=True, assign=True)
+    source_buffers = dict(model.named_buffers())
+    for name, buf in list(out.named_buffers()):  # non-persistent buffers (RoPE inv_freq) are not in state_dict
+        if buf.is_meta:
+            owner, _, attr = name.rpartition(".")
+            out.get_submodule(owner)._buffers[attr] = source_buffers[name].detach().clone()
     if mcfg.tie_word_embeddings:
         out.tie_weights()
     note = (
