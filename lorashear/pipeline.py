@@ -299,7 +299,6 @@ class _Run:
             if len(rows) - k < 1:
                 raise DataError(f"{field}: {ds.train} has too few records to hold out a validation split", field=field)
             rows, val_rows = rows[:-k], rows[-k:]
-        gen = torch.Generator().manual_seed(self.spec.seed + 1)
         if stream and all("instruction" not in r for r in rows):
             train: TokenStream | RecordSet = TokenStream.from_text("\n".join(r["text"] for r in rows), self.tokenizer)
             val_stream = TokenStream.from_text("\n".join(r["text"] for r in val_rows), self.tokenizer)
@@ -315,7 +314,6 @@ class _Run:
             vset = RecordSet.from_rows(val_rows, self.tokenizer, seq_len)
             n = min(len(vset), batches * batch_size)
             val = [vset.batch(list(range(i, min(i + batch_size, n)))) for i in range(0, n, batch_size)]
-            del gen
         if len(train) == 0:
             raise DataError(f"{field}: {ds.train} yields no training examples", field=field)
         return SubDataset(ds.name, train, val)

@@ -317,7 +317,7 @@ def _row_slices(
     return out
 
 
-def _col_slices(u: Unit, a: Unit | None, idx: torch.Tensor, zero: bool, *, embedding: bool = False) -> list[SliceSpec]:
+def _col_slices(u: Unit, a: Unit | None, idx: torch.Tensor, zero: bool) -> list[SliceSpec]:
     out = [SliceSpec(f"{u.name}.weight", 1, idx, zero, None, "consumer")]
     if a is not None:
         out.append(SliceSpec(f"{a.name}.weight", 1, idx, zero, "A", "consumer"))
