@@ -6,7 +6,7 @@ import httpx
 import pytest
 from sqlalchemy import text
 
-from .helpers import FAST_SPEC, wait_terminal
+from .helpers import FAST_SPEC, slow_spec, wait_terminal
 
 pytestmark = pytest.mark.service
 
@@ -101,8 +101,8 @@ def test_idempotency_key(client, db) -> None:
 
 def test_list_pagination_and_status_filter(client) -> None:
     created = []
-    for i in range(5):
-        r = client.post("/v1/jobs", json=_spec(seed=100 + i))
+    for i in range(5):  # long jobs: the one a worker picks up must still be running when it is cancelled
+        r = client.post("/v1/jobs", json={**slow_spec(period_steps=400), "seed": 100 + i})
         assert r.status_code == 201
         created.append(r.json()["id"])
     for job_id in created:  # queued ones are cancelled at once; a running one within a step
