@@ -15,8 +15,9 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from lorashear.config import SUPPORTED_MODEL_TYPES, StructureConfig
+from lorashear.config import StructureConfig
 from lorashear.errors import TargetNotExpressibleError, UnsupportedModelError
+from lorashear.families import get_family
 
 
 @dataclass(frozen=True)
@@ -49,11 +50,7 @@ class ModelShape:
             UnsupportedModelError: unknown ``model_type``, missing sizes, or heads not divisible by KV heads.
         """
         model_type = cfg.get("model_type")
-        if model_type not in SUPPORTED_MODEL_TYPES:
-            raise UnsupportedModelError(
-                f"model_type {model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}",
-                field="model",
-            )
+        family = get_family(model_type)
         text = cfg.get("text_config")
         if isinstance(text, dict):  # pragma: no cover - multimodal wrappers are not LLaMA-family here
             cfg = {**cfg, **text}
@@ -63,7 +60,7 @@ class ModelShape:
             kv = int(cfg.get("num_key_value_heads") or heads)
             head_dim = int(cfg.get("head_dim") or hidden // heads)
             shape = cls(
-                model_type=model_type,
+                model_type=family.model_type,
                 num_layers=int(cfg["num_hidden_layers"]),
                 hidden_size=hidden,
                 num_heads=heads,
@@ -72,9 +69,9 @@ class ModelShape:
                 intermediate_size=int(cfg["intermediate_size"]),
                 vocab_size=int(cfg["vocab_size"]),
                 tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-                qkv_bias=model_type == "qwen2" or bool(cfg.get("attention_bias", False)),
-                o_bias=model_type != "qwen2" and bool(cfg.get("attention_bias", False)),
-                mlp_bias=bool(cfg.get("mlp_bias", False)),
+                qkv_bias=family.qkv_bias(cfg),
+                o_bias=family.o_bias(cfg),
+                mlp_bias=family.mlp_bias(cfg),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise UnsupportedModelError(f"config.json lacks a readable size: {exc}", field="model") from None
@@ -166,6 +163,7 @@ def plan_quotas(shape: ModelShape, target_ratio: float, structures: StructureCon
         kv_max = s.num_kv_heads - _protected(s.num_kv_heads, gamma)
         q_max = rep - _protected(rep, gamma) if rep > 1 else 0
         unit = structures.attention_unit
+        divisible_heads = get_family(s.model_type).needs_divisible_heads(s.qkv_bias or s.o_bias or s.mlp_bias)
         attn_opts = []
         for kv_rm in range(kv_max + 1):
             for q_rm in range(q_max + 1):
@@ -174,8 +172,8 @@ def plan_quotas(shape: ModelShape, target_ratio: float, structures: StructureCon
                 if unit == "query_head" and rep > 1 and kv_rm:
                     continue
                 heads = (s.num_kv_heads - kv_rm) * (rep - q_rm)
-                if s.model_type == "llama" and (s.qkv_bias or s.mlp_bias) and s.hidden_size % heads:
-                    continue  # stock LlamaConfig needs heads | hidden; bias-free Llamas export as Mistral instead
+                if divisible_heads and s.hidden_size % heads:
+                    continue  # the stock config class needs heads | hidden (lorashear.families)
                 attn_opts.append((kv_rm, q_rm))
     m = structures.channel_multiple
     inter = s.intermediate_size

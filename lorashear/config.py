@@ -31,9 +31,6 @@ from lorashear.errors import ConfigError
 SPEC_VERSION = 1
 """Version of the spec JSON; bumped when a field changes meaning. Older versions are migrated in ``from_dict``."""
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
-"""``config.json`` ``model_type`` values the structure discovery knows (Llama 1/2/3, Mistral, Qwen2)."""
-
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 """Linear layers of a LLaMA-family decoder layer that may carry LoRA."""
 
@@ -520,11 +517,12 @@ class ExportConfig(_Section):
     """Merge the LoRA into ``model/``. When false, ``model/`` is the pruned base and ``adapter/`` holds the LoRA."""
     save_adapter: bool = False
     """Also save the LoRA as a PEFT adapter (``adapter/``) with the pruned base it fits (``pruned_base/``)."""
-    dtype: str = "float32"
-    """Storage dtype of the exported weights: float32, bfloat16 or float16."""
+    dtype: str = "auto"
+    """Storage dtype of the exported weights: ``auto`` (the input's own dtype, float32 for GGUF input), float32,
+    bfloat16 or float16. A job whose export is not smaller than its input fails."""
 
     def validate(self, path: str) -> None:
-        _check_choice(f"{path}.dtype", self.dtype, ("float32", "bfloat16", "float16"))
+        _check_choice(f"{path}.dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
 
 
 @dataclass

@@ -171,3 +171,18 @@ class RecordSet:
         """A random batch of records."""
         idx = torch.randint(0, len(self), (batch_size,), generator=gen).tolist()
         return self.batch(idx)
+
+
+@dataclass
+class SubDataset:
+    """One named sub-dataset: a training sampler and fixed validation batches (ALGORITHM.md section 5)."""
+
+    name: str
+    train: TokenStream | RecordSet
+    val_batches: list[dict[str, torch.Tensor]]
+
+    def sample(self, batch_size: int, seq_len: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
+        """A training batch (token windows, or right-padded records), ``(B, T)`` tensors."""
+        if isinstance(self.train, TokenStream):
+            return self.train.sample(batch_size, seq_len, gen)
+        return self.train.sample(batch_size, gen)

@@ -15,9 +15,11 @@ class LoRAShearError(Exception):
     Attributes:
         field: dotted path of the spec field at fault (e.g. ``"lora.rank"``), or ``None``.
         user_error: ``True`` when the caller's input is at fault, ``False`` for an internal failure.
+        code: short machine-readable cause (``"diverged"``); ``None`` lets the service derive one from the class.
     """
 
     user_error = False
+    code: str | None = None
 
     def __init__(self, message: str, *, field: str | None = None) -> None:
         super().__init__(message)
@@ -63,6 +65,15 @@ class NoPrunableGroupsError(LoRAShearError, ValueError):
 
 class NumericalError(LoRAShearError, RuntimeError):
     """Training produced a non-finite loss or gradient (e.g. fp16 overflow); the message carries a diagnostic."""
+
+
+class DivergedError(LoRAShearError, RuntimeError):
+    """Training diverged: non-finite loss, gradients or weights, or a model whose output carries no information
+    (constant logits, worse than a uniform guess). A user error: the learning rate (``field``) is the usual cause
+    (issue 7). The message names the stage and step and gives a hint."""
+
+    user_error = True
+    code = "diverged"
 
 
 class ExactnessError(LoRAShearError, RuntimeError):

@@ -112,6 +112,34 @@ def load_model(
     return model.to(device).eval()
 
 
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+
+
+def stored_weights(path: str | Path) -> tuple[torch.dtype | None, int]:
+    """The dtype most of a model's floating-point weights are stored in, and the weight files' total size in bytes.
+
+    Reads only the safetensors headers. A GGUF file (quantised or not) reports ``(None, file size)``: its
+    dequantised weights have no single storage dtype to keep.
+    """
+    path = Path(path)
+    if path.suffix == ".gguf":
+        return None, path.stat().st_size
+    counts: dict[torch.dtype, int] = {}
+    size = 0
+    for f in sorted(path.glob("*.safetensors")):
+        size += f.stat().st_size
+        with open(f, "rb") as fh:
+            header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+        for key, meta in header.items():
+            dt = _SAFETENSORS_DTYPES.get(meta.get("dtype")) if key != "__metadata__" else None
+            if dt is not None:
+                n = 1
+                for d in meta.get("shape", []):
+                    n *= int(d)
+                counts[dt] = counts.get(dt, 0) + n
+    return (max(counts, key=lambda k: counts[k]) if counts else None), size
+
+
 def load_tokenizer(path: str | Path) -> Any:
     """Load the tokenizer stored with a model directory or GGUF file (never from a hub)."""
     from transformers import AutoTokenizer

@@ -15,6 +15,7 @@ from typing import Any
 from lorashear.budget import ModelShape, Quotas, plan_quotas
 from lorashear.config import JobSpec
 from lorashear.errors import AdapterMismatchError, ConfigError, UnsupportedModelError
+from lorashear.families import family_for_gguf
 from lorashear.resolve import Roots
 
 
@@ -44,9 +45,6 @@ def read_model_config(path: Path) -> dict[str, Any]:
     return cfg
 
 
-_GGUF_ARCH = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
-
-
 def gguf_config(path: Path) -> dict[str, Any]:
     """Hugging Face style config keys from a GGUF file's metadata (no tensors are read).
 
@@ -70,13 +68,12 @@ def gguf_config(path: Path) -> dict[str, Any]:
         return v
 
     arch = value("general.architecture")
-    if arch not in _GGUF_ARCH:
-        raise UnsupportedModelError(f"GGUF architecture {arch!r} is not supported", field="model")
+    family = family_for_gguf(arch)
     tokens = value("tokenizer.ggml.tokens")
     heads = value(f"{arch}.attention.head_count")
     hidden = value(f"{arch}.embedding_length")
     cfg = {
-        "model_type": _GGUF_ARCH[arch],
+        "model_type": family.model_type,
         "num_hidden_layers": value(f"{arch}.block_count"),
         "hidden_size": hidden,
         "num_attention_heads": heads,

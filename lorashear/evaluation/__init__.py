@@ -1,93 +1,108 @@
-"""Perplexity with a stated protocol (ALGORITHM.md section 6)."""
+"""Evaluation (ALGORITHM.md section 6): perplexity with its protocol, a greedy sample, one loss evaluator.
+
+:func:`evaluate` is the stage verb: it scores a model with an :class:`~lorashear.config.EvaluationConfig` and
+returns an :class:`EvaluationResult`. The dense reference and the final model are scored with the same settings.
+"""
 
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
+from lorashear.config import EvaluationConfig
 from lorashear.data import TokenStream
+from lorashear.evaluation.loss import mean_loss, token_nll, window_batches
+from lorashear.evaluation.perplexity import Perplexity, perplexity
+
+SAMPLE_PROMPT = "Once upon a time"
 
 
 @dataclass
-class Perplexity:
-    """A perplexity and the protocol that produced it.
+class EvaluationResult:
+    """What :func:`evaluate` measured.
 
     Attributes:
-        perplexity: exp(mean negative log-likelihood per scored token).
-        nll: mean negative log-likelihood, nats per token.
-        window: tokens per window; stride: tokens between window starts; windows: windows evaluated;
-        tokens: tokens scored (each window scores all positions after its first, or the last ``stride`` when
-        windows overlap).
+        perplexity: perplexity on the evaluation text, with its protocol.
+        sample: ``{"prompt", "text", "decoding"}`` of a greedy generation (empty when not asked for).
     """
 
-    perplexity: float
-    nll: float
-    window: int
-    stride: int
-    windows: int
-    tokens: int
-    dataset: str = ""
+    perplexity: Perplexity
+    sample: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
-        return asdict(self)
+        return {"perplexity": self.perplexity.to_dict(), "sample": dict(self.sample)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EvaluationResult:
+        """Inverse of :meth:`to_dict`."""
+        return cls(Perplexity.from_dict(data["perplexity"]), dict(data.get("sample") or {}))
 
 
 @torch.no_grad()
-def perplexity(
+def sample_text(model: nn.Module, tokenizer: Any, prompt: str = SAMPLE_PROMPT, new_tokens: int = 48) -> dict[str, Any]:
+    """Greedy continuation of ``prompt`` (``new_tokens`` tokens, KV cache on): ``{"prompt", "text", "decoding"}``."""
+    was = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
+    out = model.generate(
+        input_ids=ids, max_new_tokens=new_tokens, do_sample=False, use_cache=True, pad_token_id=tokenizer.pad_token_id
+    )
+    model.train(was)
+    return {
+        "prompt": prompt,
+        "text": tokenizer.decode(out[0], skip_special_tokens=True),
+        "decoding": f"greedy, {new_tokens} new tokens",
+    }
+
+
+def evaluate(
     model: nn.Module,
     stream: TokenStream,
+    cfg: EvaluationConfig | None = None,
     *,
-    window: int = 128,
-    stride: int | None = None,
-    max_windows: int | None = None,
-    batch_size: int = 8,
     dataset: str = "",
-) -> Perplexity:
-    """Sliding-window perplexity of ``model`` on a token stream.
+    tokenizer: Any = None,
+) -> EvaluationResult:
+    """Score ``model`` on held-out text with the protocol of ``cfg``.
 
-    Non-overlapping (``stride == window``): every window is scored on all its positions but the first. With
-    ``stride < window``, windows after the first score only their last ``stride`` tokens (context carried over),
-    the Hugging Face recipe.
+    Args:
+        model: a causal LM (PEFT-wrapped or plain); its mode is restored.
+        stream: the tokenized evaluation text.
+        cfg: window, stride, window count and batch size (defaults: :class:`EvaluationConfig`).
+        dataset: name of the text, recorded in the protocol.
+        tokenizer: when given, a greedy sample is generated too.
+
+    Returns:
+        :class:`EvaluationResult`.
 
     Raises:
-        ValueError: the text holds fewer than ``window`` tokens.
+        ValueError: the text is shorter than one window.
     """
-    if window < 2 or (stride is not None and not 1 <= stride <= window) or batch_size < 1:
-        raise ValueError(
-            f"need window >= 2, 1 <= stride <= window, batch_size >= 1 (got {window}, {stride}, {batch_size})"
-        )
-    stride = stride or window
-    ids = stream.ids
-    n = ids.numel()
-    if n < window:
-        raise ValueError(f"evaluation text holds {n} tokens, fewer than window={window}")
-    starts = list(range(0, n - window + 1, stride))
-    if max_windows is not None:
-        starts = starts[:max_windows]
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    total_nll = 0.0
-    total_tok = 0
-    for b in range(0, len(starts), batch_size):
-        chunk = starts[b : b + batch_size]
-        x = torch.stack([ids[s : s + window] for s in chunk]).to(device)  # (B, window)
-        labels = x.clone()
-        for j, s in enumerate(chunk):
-            if s > 0 and stride < window:
-                labels[j, : window - stride] = -100
-        logits = model(input_ids=x, use_cache=False).logits.float()  # (B, window, vocab)
-        lp = torch.log_softmax(logits[:, :-1], dim=-1)
-        tgt = labels[:, 1:]
-        valid = tgt != -100
-        tok_lp = lp.gather(-1, tgt.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        total_nll -= float((tok_lp * valid).sum())
-        total_tok += int(valid.sum())
-    model.train(was_training)
-    nll = total_nll / max(total_tok, 1)
-    return Perplexity(math.exp(nll), nll, window, stride, len(starts), total_tok, dataset)
+    cfg = cfg or EvaluationConfig()
+    ppl = perplexity(
+        model,
+        stream,
+        window=cfg.window,
+        stride=cfg.stride,
+        max_windows=cfg.max_windows,
+        batch_size=cfg.batch_size,
+        dataset=dataset,
+    )
+    return EvaluationResult(ppl, sample_text(model, tokenizer) if tokenizer is not None else {})
+
+
+__all__ = [
+    "EvaluationResult",
+    "Perplexity",
+    "evaluate",
+    "mean_loss",
+    "perplexity",
+    "sample_text",
+    "token_nll",
+    "window_batches",
+]

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from lorashear.budget import ModelShape
+from lorashear.config import StructureConfig
 from lorashear.errors import UnsupportedModelError
 from lorashear.graph.trace import Space, Unit, trace_units
 
@@ -205,6 +206,7 @@ def _changed_cols(x: torch.Tensor, base: torch.Tensor) -> set[int]:
 
 def discover(
     model: nn.Module,
+    cfg: StructureConfig | None = None,
     *,
     shape: ModelShape | None = None,
     attention: bool = True,
@@ -213,10 +215,11 @@ def discover(
     probe_ids: torch.Tensor | None = None,
     seed: int = 0,
 ) -> Structures:
-    """Find the minimally removable structures of a (PEFT-wrapped) LLaMA-family model.
+    """Find the minimally removable structures of a (PEFT-wrapped) LLaMA-family model (the discovery stage).
 
     Args:
         model: the model, with or without LoRA; weights are not changed.
+        cfg: which kinds are prunable (``structures`` section of a spec); overrides ``attention``/``mlp``/``hidden``.
         shape: sizes from the config (read from ``model.config`` when omitted); the trace is checked against them.
         attention / mlp / hidden: which kinds are marked prunable (all are discovered and reported).
         probe_ids: ``(1, T)`` token ids for the trace and the probes (defaults to 6 fixed ids).
@@ -228,6 +231,8 @@ def discover(
     Raises:
         UnsupportedModelError: the trace or a probe disagrees with the config (unknown wiring).
     """
+    if cfg is not None:
+        attention, mlp, hidden = cfg.attention, cfg.mlp, cfg.hidden
     if shape is None:
         shape = ModelShape.from_config(model.config.to_dict())
     device = next(model.parameters()).device

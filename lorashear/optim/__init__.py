@@ -1,6 +1,6 @@
-"""LHSPG and its saliency criteria (ALGORITHM.md section 3)."""
+"""LHSPG progressive structured pruning (ALGORITHM.md section 3): the optimizer and the stage verb."""
 
 from lorashear.optim.lhspg import LHSPG, spread
-from lorashear.optim.saliency import group_stats, lora_refs, saliency
+from lorashear.optim.prune import PruneResult, prune, set_quotas
 
-__all__ = ["LHSPG", "group_stats", "lora_refs", "saliency", "spread"]
+__all__ = ["LHSPG", "PruneResult", "prune", "set_quotas", "spread"]

@@ -3,7 +3,7 @@
 Only the LoRA weights ``A``, ``B`` train (AdamW); the base ``W`` is frozen except that the redundant groups are
 driven to exactly zero. After ``warmup_steps`` (T_w), ``periods`` (P) periods of ``period_steps`` (T) steps follow.
 At each period start, every quota cluster picks its share of the still-active, unprotected groups with the lowest
-saliency (:mod:`lorashear.optim.saliency`): they become *active redundant*. Shares are spread by cumulative
+saliency (:class:`lorashear.importance.LoRASaliency`): they become *active redundant*. Shares are spread by cumulative
 rounding, so a cluster with quota K removes ``floor((p+1)K/P) - floor(pK/P)`` groups in period ``p`` (a quota
 smaller than P lands in the last periods).
 
@@ -33,9 +33,10 @@ import torch
 from torch import nn
 
 from lorashear.config import LHSPGConfig
-from lorashear.errors import NumericalError
+from lorashear.errors import ExactnessError
 from lorashear.graph import Structures, StructureSet
-from lorashear.optim.saliency import group_stats, lora_refs, saliency
+from lorashear.importance import LoRASaliency, group_sq_norms, lora_refs
+from lorashear.training import clip_gradients
 
 
 def spread(quota: int, periods: int) -> list[int]:
@@ -65,6 +66,7 @@ class LHSPG:
         self.quotas = quotas
         self.params = dict(model.named_parameters(remove_duplicate=False))
         self.refs = lora_refs(model)
+        self.saliency = LoRASaliency(model, cfg.criteria)
         self.lora_params = [p for n, p in model.named_parameters() if p.requires_grad]
         self.inner = torch.optim.AdamW(self.lora_params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.step_count = 0
@@ -103,17 +105,12 @@ class LHSPG:
             ``{"grad_norm", "groups_zero", "period"}`` for logging.
 
         Raises:
-            NumericalError: a non-finite gradient norm (e.g. fp16 overflow); the message names the step.
+            DivergedError: a non-finite gradient norm (a too large ``lhspg.lr``, fp16 overflow); names the step.
         """
         period, t = self.phase(self.step_count)
         if period >= 0 and t == 0:
             self._select(period)
-        norm = torch.nn.utils.clip_grad_norm_(self.lora_params, self.cfg.max_grad_norm)
-        if not torch.isfinite(norm):
-            raise NumericalError(
-                f"LHSPG step {self.step_count}: non-finite LoRA gradient norm ({float(norm)}); "
-                "use bfloat16 or float32, or lower lhspg.lr"
-            )
+        norm = clip_gradients(self.lora_params, self.cfg.max_grad_norm, stage="prune", step=self.step_count)
         self.inner.step()
         with torch.no_grad():
             if period >= 0:
@@ -138,7 +135,7 @@ class LHSPG:
                     self._scale(self.sets[key], sorted(groups), 0.0)
         self.step_count += 1
         zero = sum(len(g) for g in self.pruned.values())
-        return {"grad_norm": float(norm), "groups_zero": float(zero), "period": float(period)}
+        return {"grad_norm": norm, "groups_zero": float(zero), "period": float(period)}
 
     def _select(self, period: int) -> None:
         picked: dict[str, list[int]] = {}
@@ -148,7 +145,7 @@ class LHSPG:
             want = {cid: spread(k, self.cfg.periods)[period] for cid, k in q.items()}
             if not any(want.values()):
                 continue
-            score = saliency(group_stats(s, self.params, self.refs), self.cfg.criteria)
+            score = self.saliency(s)
             chosen: list[int] = []
             for cid, k in want.items():
                 if k == 0:
@@ -160,9 +157,8 @@ class LHSPG:
                 chosen += cand[:k]
             picked[key] = sorted(chosen)
             self.lambdas[key] = torch.full((len(chosen),), self.cfg.lambda_init, dtype=torch.float64)
-            self.scales[key] = torch.tensor(
-                [self._norm(s, g) / self.cfg.period_steps for g in sorted(chosen)], dtype=torch.float64
-            )
+            norms = group_sq_norms(s, self.params, zero_only=True).sqrt()
+            self.scales[key] = norms[sorted(chosen)] / self.cfg.period_steps
         self.active = {k: picked.get(k, []) for k in self.sets}
         self.history.append({"period": period, "step": self.step_count, "selected": picked})
 
@@ -177,15 +173,6 @@ class LHSPG:
                 p.data.index_fill_(sl.dim, idx, 0.0)
             else:
                 p.data.index_copy_(sl.dim, idx, p.data.index_select(sl.dim, idx) * factor)
-
-    def _norm(self, s: StructureSet, g: int) -> float:
-        gi = torch.tensor([g])
-        total = 0.0
-        for sl in s.slices:
-            if sl.zero and sl.lora is None:
-                x = self.params[sl.param].data.index_select(sl.dim, sl.index[gi].flatten())
-                total += float((x.float() ** 2).sum())
-        return total**0.5
 
     def _hsp(self, key: str, groups: list[int]) -> None:
         s = self.sets[key]
@@ -245,6 +232,22 @@ class LHSPG:
             nz = (p != 0).any(dim=red) if red else p != 0
             ok &= ~nz.cpu()[sl.index].any(dim=1)
         return torch.nonzero(ok).flatten().tolist()
+
+    def check_period(self, period: int) -> None:
+        """Check the invariant of a finished period: exactly the cumulative quota is marked removed, all zero.
+
+        Raises:
+            ExactnessError: a count or a zero check failed (a bug, never user input).
+        """
+        for key, q in self.quotas.items():
+            expect = sum(sum(spread(k, self.cfg.periods)[: period + 1]) for k in q.values())
+            pruned = self.pruned[key]
+            zero = set(self.zero_groups(key))
+            if len(pruned) != expect or not pruned <= zero:
+                raise ExactnessError(
+                    f"after period {period + 1}, {key} has {len(pruned)} groups marked removed "
+                    f"(expected {expect}) and {len(pruned - zero)} of them are not exactly zero"
+                )
 
     def removed(self) -> dict[str, list[int]]:
         """``{set key: sorted removed groups}`` (only after the last period is everything in here)."""

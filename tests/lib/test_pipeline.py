@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 
 from lorashear.config import JobSpec
 from lorashear.errors import Cancelled, ConfigError
+from lorashear.events import STAGES
 from lorashear.pipeline import run
 from lorashear.resolve import BUNDLED_DATA_ROOT, BUNDLED_MODEL_ROOT, Roots
 
@@ -126,15 +127,32 @@ def reference(tmp_path_factory: pytest.TempPathFactory):
     return tmp / "ref", run_collect(spec_of(), tmp / "ref", tmp / "ref.work")
 
 
-@pytest.mark.parametrize("where", [("prune", 5), ("recover", 2)])
-def test_cancelled_run_resumes_to_the_same_result(tmp_path: Path, where: tuple[str, int], reference) -> None:
+def checkpointed_at(work: Path) -> str:
+    """Where a checkpoint stands: the stage of the interrupted loop, or ``after <last finished stage>``."""
+    state = json.loads((work / "checkpoint" / "state.json").read_text())
+    if state["loop"]:
+        return state["loop"]["stage"]
+    return f"after {STAGES[state['run']['stage_done']]}"
+
+
+@pytest.mark.parametrize(
+    "where, expect",
+    [
+        (("analyze", 2), "after discover"),  # inside the analysis: it is redone (issue 10: crashed with KeyError)
+        (("prune", 5), "prune"),  # inside the LHSPG loop
+        (("compress", 2), "after compress"),  # at a stage boundary
+        (("recover", 2), "recover"),  # inside the recovery loop
+    ],
+)
+def test_cancelled_run_resumes_to_the_same_result(
+    tmp_path: Path, where: tuple[str, int], expect: str, reference
+) -> None:
     spec = spec_of()
     ref_dir, ref = reference
     with pytest.raises(Cancelled):
         run_collect(spec, tmp_path / "out", tmp_path / "work", cancel_at=where)
     assert not (tmp_path / "out").exists(), "no half-written artifacts"
-    state = json.loads((tmp_path / "work" / "checkpoint" / "state.json").read_text())
-    assert state["stage"] == where[0]
+    assert checkpointed_at(tmp_path / "work") == expect
     resumed = run_collect(spec, tmp_path / "out", tmp_path / "work")
     same_weights(ref_dir, tmp_path / "out")
     assert resumed.summary == ref.summary
@@ -155,7 +173,7 @@ def test_killed_cli_run_resumes_to_the_same_result(tmp_path: Path) -> None:
     state = tmp_path / "out.work" / "checkpoint" / "state.json"
     deadline = time.time() + 300
     while time.time() < deadline:
-        if state.exists() and json.loads(state.read_text()).get("stage") == "prune":
+        if state.exists() and (json.loads(state.read_text()).get("loop") or {}).get("stage") == "prune":
             break
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)

@@ -1,0 +1,231 @@
+"""The load stage: resolve and check the spec's inputs, load the model with its LoRA, tokenize the data.
+
+:func:`load` returns a :class:`LoadedJob` holding everything the later stages read: the PEFT model, the tokenizer,
+the sizes, the data (:class:`JobData`), where the weights came from, and the peak-memory estimate of training
+(ALGORITHM.md section 7: estimate before starting; refused on CUDA when it cannot fit).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lorashear.budget import ModelShape
+from lorashear.config import DatasetConfig, JobSpec
+from lorashear.data import RecordSet, SubDataset, TokenStream, read_records, read_text
+from lorashear.errors import ConfigError, DataError, UnsupportedModelError
+from lorashear.events import Hooks
+from lorashear.modeling import (
+    attach_lora,
+    count_params,
+    load_model,
+    load_tokenizer,
+    resolve_device,
+    resolve_dtype,
+    stored_weights,
+)
+from lorashear.preflight import preflight
+from lorashear.resolve import Roots
+
+STAGE = "load"
+
+
+@dataclass
+class JobData:
+    """Tokenized data of a job.
+
+    Attributes:
+        calibration: analysis text (at most ``analysis.max_tokens`` tokens).
+        eval: held-out evaluation text.
+        train: pretraining-style sub-datasets (recovery stage 1).
+        instruct: instruction sub-datasets (recovery stage 2).
+        pool: the union of the plain-text training streams (LHSPG samples from it).
+    """
+
+    calibration: TokenStream
+    eval: TokenStream
+    train: list[SubDataset]
+    instruct: list[SubDataset]
+    pool: TokenStream
+
+    def probe(self, seq_len: int = 32, windows: int = 2) -> torch.Tensor:
+        """``(windows, seq_len)`` calibration tokens for checks (exactness, sanity, reload)."""
+        return torch.stack(self.calibration.windows(seq_len, limit=windows))
+
+
+@dataclass
+class LoadedJob:
+    """What the load stage produced (never checkpointed: a resumed run loads again)."""
+
+    model: nn.Module
+    tokenizer: Any
+    data: JobData
+    shape: ModelShape
+    model_path: Path
+    device: torch.device
+    dtype: torch.dtype
+    input_dtype: torch.dtype | None
+    input_bytes: int
+    memory_estimate_bytes: int
+
+
+def estimate_peak_bytes(shape: ModelShape, dtype: torch.dtype, lora_params: int, batch: int, seq: int) -> int:
+    """Rough peak memory of training with LoRA, bytes.
+
+    Frozen weights in ``dtype``; LoRA weights, gradients and two AdamW moments in fp32; activations kept for the
+    backward pass (per layer about 12 hidden-sized and 4 intermediate-sized tensors per token, plus attention
+    scores) and fp32 logits with their gradient.
+    """
+    elt = torch.finfo(dtype).bits // 8
+    weights = shape.total_params * elt
+    lora = lora_params * 4 * 4
+    tokens = batch * seq
+    per_layer = tokens * (12 * shape.hidden_size + 4 * shape.intermediate_size) * elt
+    per_layer += batch * shape.num_heads * seq * seq * elt
+    logits = tokens * shape.vocab_size * 4 * 3
+    return int(weights + lora + shape.num_layers * per_layer + logits)
+
+
+def _sub(
+    roots: Roots, tokenizer: Any, ds: DatasetConfig, field: str, stream: bool, seq_len: int, batches: int, bs: int
+) -> SubDataset:
+    rows = read_records(roots.data(ds.train, f"{field}.train"), f"{field}.train")
+    if ds.validation is not None:
+        val_rows = read_records(roots.data(ds.validation, f"{field}.validation"), f"{field}.validation")
+    else:
+        k = max(1, int(len(rows) * ds.validation_fraction))
+        if len(rows) - k < 1:
+            raise DataError(f"{field}: {ds.train} has too few records to hold out a validation split", field=field)
+        rows, val_rows = rows[:-k], rows[-k:]
+    if stream and all("instruction" not in r for r in rows):
+        train: TokenStream | RecordSet = TokenStream.from_text("\n".join(r["text"] for r in rows), tokenizer)
+        val_stream = TokenStream.from_text("\n".join(r["text"] for r in val_rows), tokenizer)
+        if len(val_stream) < seq_len:
+            raise DataError(f"{field}: validation text holds fewer than {seq_len} tokens", field=field)
+        wins = val_stream.windows(seq_len)[: batches * bs]
+        val = [
+            {"input_ids": torch.stack(wins[i : i + bs]), "labels": torch.stack(wins[i : i + bs])}
+            for i in range(0, len(wins), bs)
+        ]
+    else:
+        train = RecordSet.from_rows(rows, tokenizer, seq_len)
+        vset = RecordSet.from_rows(val_rows, tokenizer, seq_len)
+        n = min(len(vset), batches * bs)
+        val = [vset.batch(list(range(i, min(i + bs, n)))) for i in range(0, n, bs)]
+    if len(train) == 0:
+        raise DataError(f"{field}: {ds.train} yields no training examples", field=field)
+    return SubDataset(ds.name, train, val)
+
+
+def load_job_data(spec: JobSpec, roots: Roots, tokenizer: Any) -> JobData:
+    """Read and tokenize every data file of ``spec``.
+
+    Raises:
+        DataError: a file is missing, malformed or too short for the lengths the spec asks for (``field`` names it).
+    """
+    r = spec.recovery
+    calib = TokenStream.from_text(
+        read_text(roots.data(spec.data.calibration, "data.calibration"), "data.calibration"),
+        tokenizer,
+        max_tokens=spec.analysis.max_tokens,
+    )
+    if len(calib) < spec.analysis.seq_len:
+        raise DataError(
+            f"data.calibration: {len(calib)} tokens, fewer than analysis.seq_len={spec.analysis.seq_len}",
+            field="data.calibration",
+        )
+    ev = TokenStream.from_text(read_text(roots.data(spec.data.eval, "data.eval"), "data.eval"), tokenizer)
+    if len(ev) < spec.evaluation.window:
+        raise DataError(
+            f"data.eval: {len(ev)} tokens, fewer than evaluation.window={spec.evaluation.window}", field="data.eval"
+        )
+    args = (r.seq_len, r.eval_batches, r.batch_size)
+    train = [_sub(roots, tokenizer, d, f"data.train[{i}]", True, *args) for i, d in enumerate(spec.data.train)]
+    instruct = [
+        _sub(roots, tokenizer, d, f"data.instruct[{i}]", False, *args) for i, d in enumerate(spec.data.instruct)
+    ]
+    streams = [d.train for d in train if isinstance(d.train, TokenStream)]
+    if not streams:
+        raise DataError("data.train: LHSPG needs at least one plain-text dataset", field="data.train")
+    pool = TokenStream(torch.cat([s.ids for s in streams]))
+    if len(pool) < spec.lhspg.seq_len:
+        raise DataError(f"data.train: fewer than lhspg.seq_len={spec.lhspg.seq_len} tokens", field="data.train")
+    return JobData(calib, ev, train, instruct, pool)
+
+
+def _check_memory(spec: JobSpec, model: nn.Module, shape: ModelShape, device: torch.device, dtype: torch.dtype) -> int:
+    lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    batch, seq = max(
+        (spec.lhspg.batch_size, spec.lhspg.seq_len),
+        (spec.recovery.batch_size, spec.recovery.seq_len),
+        key=lambda bs: bs[0] * bs[1],
+    )
+    need = estimate_peak_bytes(shape, dtype, lora, batch, seq)
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        if need > free:
+            raise ConfigError(
+                f"estimated peak memory {need / 2**30:.1f} GiB exceeds the {free / 2**30:.1f} GiB free on "
+                f"{device}; lower lhspg/recovery batch_size or seq_len",
+                field="lhspg.batch_size",
+            )
+    return need
+
+
+def load(spec: JobSpec, roots: Roots | None = None, *, hooks: Hooks | None = None) -> LoadedJob:
+    """Check the spec against the roots, load the model, attach LoRA, read the data.
+
+    Args:
+        spec: the job spec.
+        roots: where model and data names resolve (default: environment or bundled assets).
+        hooks: progress events (optional).
+
+    Returns:
+        :class:`LoadedJob`.
+
+    Raises:
+        ConfigError, DataError, UnsupportedModelError, AdapterMismatchError, TargetNotExpressibleError: bad input,
+            naming the field.
+    """
+    hooks = hooks or Hooks()
+    roots = roots or Roots.from_env()
+    hooks.emit(STAGE, "stage_start", 0, 3, f"loading {spec.model}")
+    if spec.runtime.threads:
+        torch.set_num_threads(spec.runtime.threads)
+    device = resolve_device(spec.runtime.device)
+    dtype = resolve_dtype(spec.runtime.dtype, device)
+    checked = preflight(spec, roots)  # the same checks the API runs before queueing
+    shape = checked.shape
+    torch.manual_seed(spec.seed)
+    base = load_model(checked.model_path, dtype=dtype, device=device)
+    hooks.emit(STAGE, "progress", 1, 3, "model loaded")
+    n = count_params(base)
+    if n != shape.total_params:
+        raise UnsupportedModelError(
+            f"the model holds {n:,} parameters but its config implies {shape.total_params:,}; "
+            "it has modules this library does not know",
+            field="model",
+        )
+    limit = getattr(base.config, "max_position_embeddings", None)
+    if limit:
+        for fld, value in (
+            ("evaluation.window", spec.evaluation.window),
+            ("lhspg.seq_len", spec.lhspg.seq_len),
+            ("recovery.seq_len", spec.recovery.seq_len),
+            ("analysis.seq_len", spec.analysis.seq_len),
+        ):
+            if value > limit:
+                raise ConfigError(f"{fld}: {value} tokens exceed the model's context of {limit}", field=fld)
+    tokenizer = load_tokenizer(checked.model_path)
+    model = attach_lora(base, spec.lora, adapter=roots.adapter(spec.adapter) if spec.adapter else None)
+    hooks.emit(STAGE, "progress", 2, 3, "LoRA attached")
+    need = _check_memory(spec, model, shape, device, dtype)
+    hooks.emit(STAGE, "log", message=f"estimated peak memory {need / 2**20:,.0f} MiB for training")
+    data = load_job_data(spec, roots, tokenizer)
+    hooks.emit(STAGE, "stage_end", 3, 3, f"{n:,} parameters, {len(data.pool):,} training tokens")
+    input_dtype, input_bytes = stored_weights(checked.model_path)
+    return LoadedJob(model, tokenizer, data, shape, checked.model_path, device, dtype, input_dtype, input_bytes, need)

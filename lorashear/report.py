@@ -1,0 +1,145 @@
+"""``report.json``: every number a run produced, with the protocol, checksums, versions and seed behind it.
+
+ALGORITHM.md section 6: "Every report records model and tokenizer checksums, library versions and seed." The
+report is built from the typed stage results (:class:`~lorashear.runstate.RunState`) and the export's checks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import platform
+import resource
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lorashear.budget import Quotas
+from lorashear.config import JobSpec
+from lorashear.graph import Structures
+from lorashear.prune import ExportResult
+from lorashear.runstate import RunState
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def peak_memory_mib(device: torch.device) -> dict[str, float]:
+    """Peak resident memory of this process (and peak CUDA allocation on a GPU), MiB."""
+    out = {"cpu_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if device.type == "cuda":
+        out["cuda_peak_allocated_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return out
+
+
+def model_checksums(model_path: Path) -> dict[str, str]:
+    """sha256 of the input's weight, config and tokenizer files."""
+    files = sorted(model_path.glob("*")) if model_path.is_dir() else [model_path]
+    return {
+        f.name: sha256_file(f)
+        for f in files
+        if f.is_file() and f.suffix in (".safetensors", ".json", ".model", ".gguf")
+    }
+
+
+def summary(state: RunState, quotas: Quotas, exported: ExportResult) -> dict[str, Any]:
+    """The headline numbers: parameters before/after/target, fraction removed, perplexities, exactness."""
+    assert state.dense and state.pruned and state.final and state.compression
+    return {
+        "params_before": quotas.params_before,
+        "params_after": exported.params,
+        "params_target": quotas.params_target,
+        "params_tolerance": quotas.tolerance,
+        "compression_ratio": 1 - exported.params / quotas.params_before,
+        "ppl_dense": state.dense.perplexity.perplexity,
+        "ppl_pruned": state.pruned.perplexity.perplexity,
+        "ppl_recovered": state.final.perplexity.perplexity,
+        "max_abs_logit_diff": state.compression.max_abs_logit_diff,
+    }
+
+
+def build_report(
+    spec: JobSpec,
+    state: RunState,
+    *,
+    structures: Structures,
+    quotas: Quotas,
+    exported: ExportResult,
+    model_path: Path,
+    device: torch.device,
+    dtype: torch.dtype,
+    memory_estimate_bytes: int | None,
+) -> dict[str, Any]:
+    """The content of ``report.json``."""
+    import peft
+    import transformers
+
+    import lorashear
+
+    assert state.dense and state.pruned and state.final and state.compression
+    e = spec.evaluation
+    return {
+        "lorashear_version": lorashear.__version__,
+        "spec": spec.to_dict(),
+        "summary": summary(state, quotas, exported),
+        "model": {
+            "name": spec.model,
+            "shape": structures.shape.__dict__,
+            "checksums_sha256": model_checksums(model_path),
+            "dense_file_bytes": exported.input_bytes,
+            "pruned_file_bytes": exported.file_bytes,
+        },
+        "environment": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "peft": peft.__version__,
+            "platform": platform.platform(),
+            "device": str(device),
+            "dtype": str(dtype),
+            "threads": torch.get_num_threads(),
+            "seed": spec.seed,
+            "argv": sys.argv[:1],
+        },
+        "structures": {"sets": structures.summary(), "spaces": structures.spaces, "checks": structures.checks},
+        "quotas": quotas.to_dict(),
+        "analysis": state.analysis.to_dict() if state.analysis else None,
+        "lhspg": state.prune.summary() if state.prune else None,
+        "compression": {
+            **state.compression.summary(),
+            "reload_max_abs_logit_diff": exported.reload_max_abs_logit_diff,
+            "merge_max_abs_logit_diff": exported.merge_max_abs_logit_diff,
+        },
+        "export": {
+            "architecture": exported.architecture,
+            "note": exported.note,
+            "dtype": exported.dtype,
+            "checks": exported.checks,
+            "artifacts": exported.artifacts,
+        },
+        "recovery": state.recovery.summary() if state.recovery else None,
+        "perplexity": {
+            "protocol": {
+                "dataset": spec.data.eval,
+                "tokenizer": spec.model,
+                "window": e.window,
+                "stride": e.stride or e.window,
+                "max_windows": e.max_windows,
+                "text": "paragraphs joined by newlines; windows score every position after the first",
+            },
+            "dense": state.dense.perplexity.to_dict(),
+            "pruned": state.pruned.perplexity.to_dict(),
+            "recovered": state.final.perplexity.to_dict(),
+        },
+        "reference_losses": state.reference_losses,
+        "sample": state.final.sample,
+        "timings": state.timings,
+        "memory_estimate_bytes": memory_estimate_bytes,
+    }

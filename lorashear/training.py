@@ -1,0 +1,123 @@
+"""What the two training loops (LHSPG, recovery) share: one step's loss and the checks that catch divergence.
+
+Issue 7, item 6: a run whose training diverged must never ship. Every step's loss and gradient norm must be
+finite, and after every stage the model's logits on a fixed probe must be finite and carry information (not the
+same distribution at every position, not worse than a uniform guess). A failure raises
+:class:`~lorashear.errors.DivergedError`, a user error naming the learning rate that usually causes it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from lorashear.errors import DivergedError
+
+LR_FIELD = {"prune": "lhspg.lr", "recover": "recovery.lr"}
+"""The spec field to blame when a stage's training diverges."""
+
+
+def _hint(stage: str) -> str:
+    field = LR_FIELD.get(stage)
+    return f"lower {field}" if field else "check the learning rates"
+
+
+def train_loss(model: nn.Module, batch: dict[str, torch.Tensor], *, stage: str, step: int) -> float:
+    """Forward and backward one batch; the caller steps the optimizer.
+
+    Args:
+        model: the (PEFT-wrapped) model, put in train mode.
+        batch: ``input_ids``, ``labels`` and optionally ``attention_mask``, each ``(B, T)``.
+        stage: ``prune`` or ``recover`` (names the field in errors).
+        step: 0-based optimizer step within the stage.
+
+    Returns:
+        The loss, nats per target token.
+
+    Raises:
+        DivergedError: the loss is not finite.
+    """
+    model.train()
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in batch.items()}
+    loss = model(**batch, use_cache=False).loss
+    if not torch.isfinite(loss):
+        dtype = next(model.parameters()).dtype
+        raise DivergedError(
+            f"{stage} step {step}: the training loss is {float(loss)} (dtype {str(dtype).replace('torch.', '')}); "
+            f"{_hint(stage)}"
+            + ("; float16 overflows easily: use bfloat16 or float32" if dtype == torch.float16 else ""),
+            field=LR_FIELD.get(stage),
+        )
+    loss.backward()
+    return float(loss.detach())
+
+
+def clip_gradients(params: Iterable[nn.Parameter], max_norm: float, *, stage: str, step: int) -> float:
+    """Clip the gradients' global L2 norm to ``max_norm`` and return the norm before clipping.
+
+    Raises:
+        DivergedError: the norm is not finite.
+    """
+    norm = torch.nn.utils.clip_grad_norm_(list(params), max_norm)
+    if not torch.isfinite(norm):
+        raise DivergedError(
+            f"{stage} step {step}: the LoRA gradient norm is {float(norm)}; {_hint(stage)}", field=LR_FIELD.get(stage)
+        )
+    return float(norm)
+
+
+@torch.no_grad()
+def check_sane(model: nn.Module, probe_ids: torch.Tensor, *, stage: str, step: int | None = None) -> float:
+    """Check that the model's weights and logits are finite and that its output carries information.
+
+    Three failures, each a :class:`DivergedError` naming the stage, the step and the learning rate field:
+    non-finite weights or logits; logits (nearly) constant over the vocabulary at every position (a model that
+    predicts the uniform distribution, as after a 1e6 learning rate); mean loss on the probe above
+    ``log(vocab) + 2`` nats (more than 7x worse than a uniform guess).
+
+    Args:
+        model: the model (PEFT-wrapped or plain).
+        probe_ids: ``(B, T)`` token ids of held-out text, ``T >= 2``.
+        stage: the stage just finished.
+        step: the optimizer step, when inside a loop.
+
+    Returns:
+        The mean loss on the probe, nats per token.
+
+    Raises:
+        DivergedError: see above.
+    """
+    where = f"after {stage}" + (f" step {step}" if step is not None else "")
+    field = LR_FIELD.get(stage)
+    for name, p in model.named_parameters():
+        if not torch.isfinite(p).all():
+            raise DivergedError(f"{where}: parameter {name} holds non-finite values; {_hint(stage)}", field=field)
+    was = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    x = probe_ids.to(device)
+    logits = model(input_ids=x, use_cache=False).logits.float()  # (B, T, vocab)
+    model.train(was)
+    if not torch.isfinite(logits).all():
+        raise DivergedError(f"{where}: the logits are not finite; {_hint(stage)}", field=field)
+    spread = logits.std(dim=-1)  # (B, T)
+    if float(spread.max()) < 1e-4:
+        raise DivergedError(
+            f"{where}: the logits are the same for every token at every position (uniform output); {_hint(stage)}",
+            field=field,
+        )
+    vocab = logits.shape[-1]
+    loss = float(
+        torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, vocab), x[:, 1:].reshape(-1), reduction="mean")
+    )
+    if loss > math.log(vocab) + 2:
+        raise DivergedError(
+            f"{where}: loss {loss:.2f} nats per token, worse than a uniform guess over {vocab} tokens "
+            f"({math.log(vocab):.2f}); {_hint(stage)}",
+            field=field,
+        )
+    return loss
