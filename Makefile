@@ -34,8 +34,8 @@ test-service: venv
 
 lint: venv
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/ruff format --check jobs api worker migrations tests/service
-	$(VENV)/bin/mypy jobs api worker --follow-imports=silent
+	$(VENV)/bin/ruff format --check lorashear jobs api worker migrations tests bench scripts
+	$(VENV)/bin/mypy lorashear jobs api worker
 
 clean-venv:
 	rm -rf $(VENV)

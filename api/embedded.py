@@ -8,6 +8,7 @@ with its metrics (``lorashear demo``). Also runnable as ``python -m api.embedded
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import socket
@@ -206,24 +207,58 @@ def _print_result(job: dict[str, Any], metrics: dict[str, list[dict[str, Any]]],
     out.flush()
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m api.embedded serve|demo``."""
-    parser = argparse.ArgumentParser(prog="python -m api.embedded", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    p_serve = sub.add_parser("serve", help="serve the API with SQLite and an in-process worker")
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--port: expected an integer, got {text!r}") from None
+    if not 0 < value < 65536:
+        raise argparse.ArgumentTypeError(f"--port: expected 1-65535, got {value}")
+    return value
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    serve(args.host, args.port, var_dir=args.var_dir)
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    spec = json.loads(Path(args.spec).read_text()) if args.spec else None
+    return int(demo(spec, var_dir=args.var_dir, timeout=args.timeout) or 0)
+
+
+def add_commands(sub: Any) -> None:
+    """Add ``serve`` and ``demo`` to an argparse sub-parser set (each sets ``func(args) -> exit code``).
+
+    The ``lorashear`` CLI finds this through the ``lorashear.commands`` entry-point group (pyproject.toml), so the
+    library never imports the service, and the commands exist only when the service extra is installed.
+
+    Raises:
+        ImportError: the service extra is not installed (the CLI then leaves the commands out).
+    """
+    for dep in ("fastapi", "uvicorn", "sqlalchemy", "httpx"):
+        if importlib.util.find_spec(dep) is None:
+            raise ImportError(
+                f"the service extra is not installed ({dep} is missing): pip install 'lorashear[service]'"
+            )
+    p_serve = sub.add_parser("serve", help="HTTP API with SQLite and an in-process worker (embedded default)")
     p_serve.add_argument("--host", default="127.0.0.1")
-    p_serve.add_argument("--port", type=int, default=8000)
+    p_serve.add_argument("--port", type=_port, default=8000)
     p_serve.add_argument("--var-dir", default=None, help="database and outputs (default: $VAR_DIR or ./var)")
-    p_demo = sub.add_parser("demo", help="run a real job on the bundled model over HTTP and print it")
+    p_serve.set_defaults(func=_cmd_serve)
+    p_demo = sub.add_parser("demo", help="start the embedded service, submit a real job over HTTP and follow it")
     p_demo.add_argument("--var-dir", default=None, help="service data (default: a new temporary directory)")
     p_demo.add_argument("--spec", default=None, help="a JSON spec file instead of the built-in demo spec")
     p_demo.add_argument("--timeout", type=float, default=3600.0)
+    p_demo.set_defaults(func=_cmd_demo)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m api.embedded serve|demo``."""
+    parser = argparse.ArgumentParser(prog="python -m api.embedded", description=__doc__.split("\n\n")[0])
+    add_commands(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
-    if args.command == "serve":
-        serve(args.host, args.port, var_dir=args.var_dir)
-        return 0
-    spec = json.loads(Path(args.spec).read_text()) if args.spec else None
-    return demo(spec, var_dir=args.var_dir, timeout=args.timeout)
+    return int(args.func(args))
 
 
 if __name__ == "__main__":

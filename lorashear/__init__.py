@@ -26,12 +26,25 @@ from lorashear.errors import (
 __version__ = "0.1.0"
 
 _LAZY = {
+    # the pipeline and its stage verbs, in order (README, "Library")
     "run": "lorashear.pipeline",
-    "RunResult": "lorashear.pipeline",
+    "RunResult": "lorashear.report",
+    "load": "lorashear.inputs",
     "discover": "lorashear.graph",
+    "plan_quotas": "lorashear.budget",
+    "analyze": "lorashear.analysis",
+    "prune": "lorashear.optim",
+    "set_quotas": "lorashear.optim",
+    "compress": "lorashear.compression",
+    "recover": "lorashear.recovery",
+    "recovery_stages": "lorashear.recovery",
+    "evaluate": "lorashear.evaluation",
+    "export": "lorashear.compression",
+    # building blocks
     "perplexity": "lorashear.evaluation",
     "load_model": "lorashear.modeling",
-    "apply_plan": "lorashear.prune",
+    "apply_plan": "lorashear.compression",
+    "register_family": "lorashear.families",
 }
 
 __all__ = [

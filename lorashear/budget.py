@@ -133,6 +133,13 @@ class Quotas:
         """JSON-ready dict."""
         return asdict(self)
 
+    def describe(self) -> str:
+        """One line: what every layer loses."""
+        return (
+            f"quotas per layer: {self.kv_groups} KV groups, {self.query_heads_per_group} query heads per group, "
+            f"{self.channels} channels, {self.hidden} hidden dims"
+        )
+
 
 def _protected(n: int, gamma: float) -> int:
     """Units per layer that the unprunable ratio gamma protects (at least one unit always stays)."""

@@ -5,8 +5,8 @@ Examples::
     lorashear run examples/stories260k-20.json              # the whole pipeline, artifacts under runs/
     lorashear inspect stories260K --target-ratio 0.2         # structures and per-type quotas
     lorashear eval runs/stories260k-20/model --data lorashear/assets/data/tinystories/eval.txt
-    lorashear serve                                          # HTTP API, SQLite + in-process worker
-    lorashear demo                                           # serve, submit a job over HTTP, follow it
+    lorashear serve                 # HTTP API, SQLite + in-process worker (service extra: pip install '.[service]')
+    lorashear demo                  # serve, submit a job over HTTP, follow it (service extra)
 """
 
 from __future__ import annotations
@@ -241,19 +241,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    from api.embedded import serve  # the service is optional: pip install -e '.[service]'
-
-    serve(host=args.host, port=args.port)
-    return 0
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    from api.embedded import demo
-
-    return int(demo() or 0)
-
-
 def cmd_spec(args: argparse.Namespace) -> int:
     spec = JobSpec.from_dict({"model": args.model, "target_ratio": args.target_ratio})
     print(spec.to_json())
@@ -311,14 +298,31 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--target-ratio", type=float, default=0.2)
     s.set_defaults(func=cmd_spec)
 
-    sv = sub.add_parser("serve", help="HTTP API with SQLite and an in-process worker (embedded default)")
-    sv.add_argument("--host", default="127.0.0.1")
-    sv.add_argument("--port", type=_positive("--port"), default=8000)
-    sv.set_defaults(func=cmd_serve)
-
-    d = sub.add_parser("demo", help="start the embedded service, submit a real job over HTTP and follow it")
-    d.set_defaults(func=cmd_demo)
+    add_plugin_commands(sub)
     return p
+
+
+COMMAND_GROUP = "lorashear.commands"
+"""Entry-point group of packages that add sub-commands (the service adds ``serve`` and ``demo``)."""
+
+
+def add_plugin_commands(sub: Any) -> list[str]:
+    """Let installed packages add sub-commands: each entry point of :data:`COMMAND_GROUP` is a callable taking the
+    sub-parser set. A plugin whose dependencies are missing (e.g. the service without its extra) is skipped.
+
+    Returns:
+        The names of the entry points that loaded.
+    """
+    from importlib.metadata import entry_points
+
+    loaded = []
+    for ep in entry_points(group=COMMAND_GROUP):
+        try:
+            ep.load()(sub)
+        except ImportError:
+            continue
+        loaded.append(ep.name)
+    return loaded
 
 
 def main(argv: list[str] | None = None) -> int:

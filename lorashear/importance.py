@@ -16,9 +16,9 @@ lowest-scoring groups are removed first (Torch-Pruning's ``Importance`` is the m
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import torch
 from torch import nn
@@ -62,7 +62,7 @@ def _row_reduce(x: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def group_sq_norms(sset: StructureSet, params: dict[str, torch.Tensor], *, zero_only: bool = False) -> torch.Tensor:
+def group_sq_norms(sset: StructureSet, params: Mapping[str, torch.Tensor], *, zero_only: bool = False) -> torch.Tensor:
     """Squared L2 norm of each group's base (non-LoRA) slices, ``(G,)`` float64.
 
     Args:
@@ -89,7 +89,7 @@ def group_sq_norms(sset: StructureSet, params: dict[str, torch.Tensor], *, zero_
 class MagnitudeImportance:
     """``||W_g||`` over the base slices of each group."""
 
-    def __init__(self, params: dict[str, torch.Tensor]) -> None:
+    def __init__(self, params: Mapping[str, torch.Tensor]) -> None:
         self.params = params
 
     def __call__(self, sset: StructureSet) -> torch.Tensor:
@@ -98,7 +98,7 @@ class MagnitudeImportance:
 
 @torch.no_grad()
 def lora_group_stats(
-    sset: StructureSet, params: dict[str, torch.Tensor], refs: dict[str, LoraRef]
+    sset: StructureSet, params: Mapping[str, torch.Tensor], refs: dict[str, LoraRef]
 ) -> dict[str, torch.Tensor]:
     """Per group ``(G,)``: ``w2`` = ||W_g||^2, ``d2`` = ||(sBA)_g||^2, ``wd`` = <W_g, (sBA)_g>, ``n`` = |g|."""
     G = sset.n_groups
@@ -200,7 +200,7 @@ class TaylorImportance:
             return pre
 
         hooks = [m.register_forward_pre_hook(make(n)) for n, m in self.consumers.items()]
-        emb = self.model.get_input_embeddings()
+        emb = cast(Any, self.model).get_input_embeddings()
         hooks.append(emb.register_forward_hook(lambda _m, _a, out: out.requires_grad_(True)))
         try:
             with torch.enable_grad():

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -97,7 +97,7 @@ def load_model(
         kwargs["use_safetensors"] = True
         src = path
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(src), **kwargs)
+        model: Any = AutoModelForCausalLM.from_pretrained(str(src), **kwargs)
     except (OSError, ValueError, KeyError) as exc:
         raise UnsupportedModelError(f"cannot load {path.name}: {exc}", field="model") from None
     if path.suffix == ".gguf":
@@ -168,7 +168,7 @@ def load_tokenizer(path: str | Path) -> Any:
 
 def model_shape(model: nn.Module) -> ModelShape:
     """Sizes of a loaded model, from its config."""
-    return ModelShape.from_config(model.config.to_dict())
+    return ModelShape.from_config(cast(Any, model).config.to_dict())
 
 
 def count_params(model: nn.Module, *, include_lora: bool = False) -> int:
@@ -209,7 +209,7 @@ def attach_lora(model: nn.Module, cfg: LoRAConfig, *, adapter: Path | None = Non
             model,
             LoraConfig(
                 r=cfg.rank,
-                lora_alpha=cfg.alpha,
+                lora_alpha=cast(int, cfg.alpha),  # peft annotates int; a float alpha works
                 lora_dropout=cfg.dropout,
                 target_modules=list(cfg.target_modules),
                 use_rslora=cfg.use_rslora,

@@ -3,8 +3,8 @@
 ``run(spec, output_dir)`` calls, in order: :func:`~lorashear.inputs.load` (model, LoRA, data),
 :func:`~lorashear.graph.discover` with :func:`~lorashear.budget.plan_quotas`, :func:`~lorashear.analysis.analyze`
 (after the dense :func:`~lorashear.evaluation.evaluate`), :func:`~lorashear.optim.prune` (LHSPG),
-:func:`~lorashear.prune.compress`, :func:`~lorashear.recovery.recover`, :func:`~lorashear.evaluation.evaluate`
-and :func:`~lorashear.prune.export`, then writes ``plan.json`` and ``report.json`` (:mod:`lorashear.report`).
+:func:`~lorashear.compression.compress`, :func:`~lorashear.recovery.recover`, :func:`~lorashear.evaluation.evaluate`
+and :func:`~lorashear.compression.export`, then writes ``plan.json`` and ``report.json`` (:mod:`lorashear.report`).
 Each stage can also be called alone from Python (README, "Library").
 
 What the composer adds: progress events (``on_event``), cancellation (``should_cancel``, polled between steps and
@@ -17,10 +17,8 @@ finishes with the same weights. ``output_dir`` appears complete or not at all.
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,38 +28,18 @@ from lorashear import runstate
 from lorashear.analysis import analyze
 from lorashear.budget import plan_quotas
 from lorashear.checkpoint import spec_hash
+from lorashear.compression import compress, export
 from lorashear.config import JobSpec
 from lorashear.errors import ConfigError
 from lorashear.evaluation import evaluate, mean_loss
 from lorashear.events import STAGES, CancelHook, EventHook, Hooks, LoopState
 from lorashear.graph import discover
 from lorashear.inputs import load
-from lorashear.modeling import write_json
 from lorashear.optim import prune, set_quotas
-from lorashear.prune import apply_removed, compress, export
 from lorashear.recovery import recover, recovery_stages
-from lorashear.report import build_report, peak_memory_mib, summary
+from lorashear.report import RunResult, build_report, peak_memory_mib, publish, staging_dir, summary
 from lorashear.resolve import Roots
 from lorashear.training import check_sane
-
-
-@dataclass
-class RunResult:
-    """What a finished run returns.
-
-    Attributes:
-        summary: headline numbers: ``params_before``, ``params_after``, ``params_target``, ``compression_ratio``
-            (fraction of parameters removed, 0-1), ``ppl_dense``, ``ppl_pruned``, ``ppl_recovered``,
-            ``max_abs_logit_diff``.
-        report: the content of ``report.json``.
-        artifacts: ``{"model", "plan", "report", optionally "adapter", "pruned_base"}`` -> paths.
-        output_dir: the directory holding them.
-    """
-
-    summary: dict[str, Any]
-    report: dict[str, Any]
-    artifacts: dict[str, Path]
-    output_dir: Path
 
 
 class _Composer:
@@ -81,12 +59,9 @@ class _Composer:
         self.state.timings[stage] = {"wall_s": time.time() - t0, **peak_memory_mib(self.job.device)}
 
     def _evaluate(self, stage: str, label: str, sample: bool = False) -> Any:
+        tok = self.job.tokenizer if sample else None
         res = evaluate(
-            self.job.model,
-            self.job.data.eval,
-            self.spec.evaluation,
-            dataset=self.spec.data.eval,
-            tokenizer=self.job.tokenizer if sample else None,
+            self.job.model, self.job.data.eval, self.spec.evaluation, dataset=self.spec.data.eval, tokenizer=tok
         )
         ppl = res.perplexity.perplexity
         self.hooks.emit(stage, "log", message=f"perplexity ({label}) {ppl:.3f}", metrics={f"ppl/{label}": ppl})
@@ -103,16 +78,8 @@ class _Composer:
         self.structures = discover(self.job.model, st, shape=self.job.shape, probe_ids=probe, seed=self.spec.seed)
         self.quotas = plan_quotas(self.job.shape, self.spec.target_ratio, st, self.spec.analysis.gamma)
         self.set_quotas = set_quotas(self.structures, self.quotas)
-        q = self.quotas
-        self.hooks.emit(
-            "discover",
-            "stage_end",
-            1,
-            1,
-            f"{len(self.structures.sets)} structure sets; quotas per layer: {q.kv_groups} KV groups, "
-            f"{q.query_heads_per_group} query heads per group, {q.channels} channels, {q.hidden} hidden dims",
-            data={"quotas": q.to_dict()},
-        )
+        message = f"{len(self.structures.sets)} structure sets; {self.quotas.describe()}"
+        self.hooks.emit("discover", "stage_end", 1, 1, message, data={"quotas": self.quotas.to_dict()})
         self._timed("discover", t0)
         self.state.stage_done = STAGES.index("discover")
 
@@ -133,10 +100,7 @@ class _Composer:
             self.job.model, self.structures, windows, a, batch_size=max(1, min(8, len(windows))), on_step=progress
         )
         self.state.analysis = result
-        worst = sorted(result.layer_map, key=lambda r: -r["deviation"])[:3]
-        message = "most sensitive: " + ", ".join(
-            f"{r['node_group']}@{r['layer']} (+{r['deviation']:.3f})" for r in worst
-        )
+        message = f"most sensitive: {result.most_sensitive()}"
         self.hooks.emit("analyze", "stage_end", 1, 1, message, data={"layer_map": result.layer_map})
 
     def stage_prune(self, loop: LoopState | None) -> None:
@@ -165,32 +129,19 @@ class _Composer:
             expected_params=self.quotas.params_after,
         )
         self.state.compression = res
-        diff = res.max_abs_logit_diff
-        self.hooks.emit(
-            "compress",
-            "progress",
-            2,
-            3,
-            f"logits match (max abs diff {diff:.2e})",
-            metrics={"compress/max_abs_logit_diff": diff},
-        )
+        diff, metric = res.max_abs_logit_diff, {"compress/max_abs_logit_diff": res.max_abs_logit_diff}
+        self.hooks.emit("compress", "progress", 2, 3, f"logits match (max abs diff {diff:.2e})", metrics=metric)
         self.state.pruned = self._evaluate("compress", "pruned")
-        self.hooks.emit(
-            "compress", "stage_end", 3, 3, f"{self.quotas.params_before:,} -> {res.params_after:,} parameters"
-        )
+        message = f"{self.quotas.params_before:,} -> {res.params_after:,} parameters"
+        self.hooks.emit("compress", "stage_end", 3, 3, message)
 
     def stage_recover(self, loop: LoopState | None) -> None:
         r, data = self.spec.recovery, self.job.data
         stages = recovery_stages(data.train, data.instruct, r)
+        refs, clip = self.state.reference_losses, self.spec.lhspg.max_grad_norm
+        model = self.job.model
         self.state.recovery = recover(
-            self.job.model,
-            stages,
-            self.state.reference_losses,
-            r,
-            self.gen,
-            max_grad_norm=self.spec.lhspg.max_grad_norm,
-            hooks=self.hooks,
-            resume=loop,
+            model, stages, refs, r, self.gen, max_grad_norm=clip, hooks=self.hooks, resume=loop
         )
         check_sane(self.job.model, data.probe(), stage="recover")
 
@@ -206,11 +157,7 @@ class _Composer:
             return None
         resumed.state.timings.update(self.state.timings)  # this attempt's load and discovery
         self.state = resumed.state
-        if self.state.analysis is not None:
-            self.state.analysis.apply(self.structures)
-        if self.state.compression is not None and self.state.prune is not None:
-            apply_removed(self.job.model, self.structures, self.state.prune.removed)
-        resumed.restore(self.job.model, self.gen)
+        resumed.apply(self.job.model, self.structures, self.gen)
         done = self.state.stage_done
         self.hooks.emit("load", "log", message=f"resumed after stage {STAGES[done]}" if done >= 0 else "resumed")
         return resumed.loop
@@ -235,47 +182,25 @@ class _Composer:
         return result
 
     def export(self) -> RunResult:
-        t0 = time.time()
-        self.hooks.emit("export", "stage_start", 0, 3, "writing artifacts")
-        staging = self.output_dir.with_name(f".{self.output_dir.name}.staging-{os.getpid()}")
-        if staging.exists():
-            shutil.rmtree(staging)
-        staging.mkdir(parents=True)
-        job, state = self.job, self.state
-        exported = export(
-            job.model,
-            job.tokenizer,
-            self.spec.export,
-            staging,
-            probe_ids=job.data.probe(),
-            input_dtype=job.input_dtype,
-            input_bytes=job.input_bytes if job.input_dtype is not None else None,
-        )
-        self.hooks.emit("export", "progress", 2, 3, "reload checked")
+        t0, job, state = time.time(), self.job, self.state
+        self.hooks.emit("export", "stage_start", 0, 2, "writing artifacts")
+        staging = staging_dir(self.output_dir)
+        input_bytes = job.input_bytes if job.input_dtype is not None else None  # GGUF: quantised, not comparable
+        ex = export(
+            job.model, job.tokenizer, self.spec.export, staging, probe_ids=job.data.probe(),
+            input_dtype=job.input_dtype, input_bytes=input_bytes,
+        )  # fmt: skip
+        self.hooks.emit("export", "progress", 1, 2, "reload checked")
         assert state.compression is not None
-        write_json(staging / "plan.json", {**state.compression.plan, "model": self.spec.model})
         self._timed("export", t0)
-        report = build_report(
-            self.spec,
-            state,
-            structures=self.structures,
-            quotas=self.quotas,
-            exported=exported,
-            model_path=job.model_path,
-            device=job.device,
-            dtype=job.dtype,
-            memory_estimate_bytes=job.memory_estimate_bytes,
-        )
-        write_json(staging / "report.json", report)
-        if self.output_dir.exists():
-            raise ConfigError(f"output directory {self.output_dir.name} appeared while the job ran", field="output")
-        os.replace(staging, self.output_dir)
-        artifacts = {name: self.output_dir / rel for name, rel in exported.artifacts.items()}
-        artifacts |= {"plan": self.output_dir / "plan.json", "report": self.output_dir / "report.json"}
-        head = summary(state, self.quotas, exported)
+        report = build_report(self.spec, state, job, self.structures, self.quotas, ex)
+        plan = {**state.compression.plan, "model": self.spec.model}
+        artifacts = {name: self.output_dir / rel for name, rel in ex.artifacts.items()}
+        artifacts |= publish(staging, self.output_dir, {"plan.json": plan, "report.json": report})
+        head = summary(state, self.quotas, ex)
         metrics = {f"summary/{k}": float(v) for k, v in head.items()}
         self.hooks.emit(
-            "export", "stage_end", 3, 3, f"artifacts written ({', '.join(sorted(artifacts))})", metrics=metrics
+            "export", "stage_end", 2, 2, f"artifacts written: {', '.join(sorted(artifacts))}", metrics=metrics
         )
         return RunResult(head, report, artifacts, self.output_dir)
 
@@ -310,7 +235,7 @@ def run(
     """
     output_dir = Path(output_dir).resolve()
     if output_dir.exists():
-        raise ConfigError(f"output directory {output_dir} already exists", field="output")
+        raise ConfigError(f"output directory {output_dir.name} already exists", field="output")
     work = Path(work_dir) if work_dir is not None else output_dir.with_name(output_dir.name + ".work")
     work.mkdir(parents=True, exist_ok=True)
     hooks = Hooks(on_event, should_cancel)

@@ -7,19 +7,44 @@ report is built from the typed stage results (:class:`~lorashear.runstate.RunSta
 from __future__ import annotations
 
 import hashlib
+import os
 import platform
 import resource
+import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from lorashear.budget import Quotas
+from lorashear.compression import ExportResult
 from lorashear.config import JobSpec
+from lorashear.errors import ConfigError
 from lorashear.graph import Structures
-from lorashear.prune import ExportResult
+from lorashear.inputs import LoadedJob
+from lorashear.modeling import write_json
 from lorashear.runstate import RunState
+
+
+@dataclass
+class RunResult:
+    """What a finished run returns.
+
+    Attributes:
+        summary: headline numbers: ``params_before``, ``params_after``, ``params_target``, ``compression_ratio``
+            (fraction of parameters removed, 0-1), ``ppl_dense``, ``ppl_pruned``, ``ppl_recovered``,
+            ``max_abs_logit_diff``.
+        report: the content of ``report.json``.
+        artifacts: ``{"model", "plan", "report", optionally "adapter", "pruned_base"}`` -> paths.
+        output_dir: the directory holding them.
+    """
+
+    summary: dict[str, Any]
+    report: dict[str, Any]
+    artifacts: dict[str, Path]
+    output_dir: Path
 
 
 def sha256_file(path: Path) -> str:
@@ -66,16 +91,7 @@ def summary(state: RunState, quotas: Quotas, exported: ExportResult) -> dict[str
 
 
 def build_report(
-    spec: JobSpec,
-    state: RunState,
-    *,
-    structures: Structures,
-    quotas: Quotas,
-    exported: ExportResult,
-    model_path: Path,
-    device: torch.device,
-    dtype: torch.dtype,
-    memory_estimate_bytes: int | None,
+    spec: JobSpec, state: RunState, job: LoadedJob, structures: Structures, quotas: Quotas, exported: ExportResult
 ) -> dict[str, Any]:
     """The content of ``report.json``."""
     import peft
@@ -92,7 +108,7 @@ def build_report(
         "model": {
             "name": spec.model,
             "shape": structures.shape.__dict__,
-            "checksums_sha256": model_checksums(model_path),
+            "checksums_sha256": model_checksums(job.model_path),
             "dense_file_bytes": exported.input_bytes,
             "pruned_file_bytes": exported.file_bytes,
         },
@@ -102,8 +118,8 @@ def build_report(
             "transformers": transformers.__version__,
             "peft": peft.__version__,
             "platform": platform.platform(),
-            "device": str(device),
-            "dtype": str(dtype),
+            "device": str(job.device),
+            "dtype": str(job.dtype),
             "threads": torch.get_num_threads(),
             "seed": spec.seed,
             "argv": sys.argv[:1],
@@ -141,5 +157,31 @@ def build_report(
         "reference_losses": state.reference_losses,
         "sample": state.final.sample,
         "timings": state.timings,
-        "memory_estimate_bytes": memory_estimate_bytes,
+        "memory_estimate_bytes": job.memory_estimate_bytes,
     }
+
+
+def staging_dir(output_dir: Path) -> Path:
+    """A fresh, empty sibling of ``output_dir`` to write artifacts into before :func:`publish`."""
+    staging = output_dir.with_name(f".{output_dir.name}.staging-{os.getpid()}")
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    return staging
+
+
+def publish(staging: Path, output_dir: Path, files: dict[str, Any]) -> dict[str, Path]:
+    """Write the JSON ``files`` into ``staging``, then rename it to ``output_dir`` (complete or not at all).
+
+    Returns:
+        ``{file stem: path under output_dir}`` (``plan``, ``report``).
+
+    Raises:
+        ConfigError: ``output_dir`` appeared while the job ran.
+    """
+    for name, content in files.items():
+        write_json(staging / name, content)
+    if output_dir.exists():
+        raise ConfigError(f"output directory {output_dir.name} appeared while the job ran", field="output")
+    os.replace(staging, output_dir)
+    return {Path(name).stem: output_dir / name for name in files}

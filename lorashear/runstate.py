@@ -19,10 +19,11 @@ from torch import nn
 
 from lorashear import checkpoint as ckpt
 from lorashear.analysis import Analysis
+from lorashear.compression import CompressionResult, apply_removed
 from lorashear.evaluation import EvaluationResult
 from lorashear.events import STAGES, LoopState
+from lorashear.graph import Structures
 from lorashear.optim import PruneResult
-from lorashear.prune import CompressionResult
 from lorashear.recovery import RecoveryResult
 
 _RESULTS: dict[str, Any] = {
@@ -113,8 +114,21 @@ class Resumed:
     loop: LoopState | None
     tensors: dict[str, torch.Tensor]
 
+    def apply(self, model: nn.Module, structures: Structures, gen: torch.Generator) -> None:
+        """Bring a freshly loaded model to the checkpoint: the analysis' protected groups, the slicing when the
+        compression had finished, then every parameter and both random generators.
+
+        Raises:
+            CheckpointError: the checkpoint lacks a parameter of the model or holds one of another shape.
+        """
+        if self.state.analysis is not None:
+            self.state.analysis.apply(structures)
+        if self.state.compression is not None and self.state.prune is not None:
+            apply_removed(model, structures, self.state.prune.removed)
+        self.restore(model, gen)
+
     def restore(self, model: nn.Module, gen: torch.Generator) -> None:
-        """Copy the saved parameters into ``model`` (whose shapes must already match) and the generators' states.
+        """Copy the saved parameters into ``model`` (same shapes) and set both random generators.
 
         Raises:
             CheckpointError: the checkpoint lacks a parameter of the model or holds one of another shape.

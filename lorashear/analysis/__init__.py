@@ -16,6 +16,7 @@ concentrates.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -56,6 +57,11 @@ class Analysis:
             float(data["dense_loss"]), list(data["layer_map"]), {k: list(v) for k, v in data["protected"].items()}
         )
 
+    def most_sensitive(self, n: int = 3) -> str:
+        """The ``n`` layer node groups whose ablation cost the most, e.g. ``mlp@0 (+4.130), attention@1 (+3.100)``."""
+        worst = sorted(self.layer_map, key=lambda r: -r["deviation"])[:n]
+        return ", ".join(f"{r['node_group']}@{r['layer']} (+{r['deviation']:.3f})" for r in worst)
+
     def apply(self, structures: Structures) -> None:
         """Set every structure set's ``protected`` flags from :attr:`protected` (e.g. after a resume)."""
         for s in structures.sets:
@@ -80,6 +86,10 @@ def _consumer_mask_hooks(model: nn.Module, s: StructureSet, groups: torch.Tensor
 
         hooks.append(mod.register_forward_pre_hook(pre))
     return hooks
+
+
+def _loss_of(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=x, labels=x, use_cache=False).loss
 
 
 def protect(structures: Structures, scores: dict[str, torch.Tensor], gamma: float) -> dict[str, list[int]]:
@@ -164,7 +174,7 @@ def analyze(
     device = next(model.parameters()).device
     for b in batches:
         x = b["input_ids"].to(device)
-        taylor.accumulate(lambda x=x: model(input_ids=x, labels=x, use_cache=False).loss)
+        taylor.accumulate(functools.partial(_loss_of, model, x))
         model.zero_grad(set_to_none=True)
     if on_step:
         on_step(total, total)

@@ -7,7 +7,7 @@ returns an :class:`EvaluationResult`. The dense reference and the final model ar
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -49,7 +49,7 @@ def sample_text(model: nn.Module, tokenizer: Any, prompt: str = SAMPLE_PROMPT, n
     model.eval()
     device = next(model.parameters()).device
     ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
-    out = model.generate(
+    out = cast(Any, model).generate(
         input_ids=ids, max_new_tokens=new_tokens, do_sample=False, use_cache=True, pad_token_id=tokenizer.pad_token_id
     )
     model.train(was)

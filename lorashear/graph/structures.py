@@ -18,7 +18,7 @@ A disagreement raises :class:`UnsupportedModelError` instead of pruning a model 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -234,7 +234,7 @@ def discover(
     if cfg is not None:
         attention, mlp, hidden = cfg.attention, cfg.mlp, cfg.hidden
     if shape is None:
-        shape = ModelShape.from_config(model.config.to_dict())
+        shape = ModelShape.from_config(cast(Any, model).config.to_dict())
     device = next(model.parameters()).device
     if probe_ids is None:
         probe_ids = torch.tensor([[1, 5, 9, 13, 17, 21]])

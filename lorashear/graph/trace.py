@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -96,10 +97,12 @@ def trace_units(model: nn.Module, input_ids: torch.Tensor) -> tuple[dict[str, Un
         def hook(_m: nn.Module, args: tuple, out: torch.Tensor) -> None:
             if name in units:
                 return
+            out_f: int
+            in_f: int
             if isinstance(mod, nn.Embedding):
                 kind, out_f, in_f = "embedding", mod.embedding_dim, mod.num_embeddings
             else:
-                kind, out_f, in_f = "linear", mod.out_features, mod.in_features
+                kind, out_f, in_f = "linear", int(cast(Any, mod).out_features), int(cast(Any, mod).in_features)
             lora = "A" if ".lora_A." in name + "." else "B" if ".lora_B." in name + "." else None
             units[name] = Unit(name, kind, lora, out_f, in_f, len(units), mod)
             if kind == "linear" and isinstance(args[0], torch.Tensor):
@@ -143,7 +146,7 @@ def trace_units(model: nn.Module, input_ids: torch.Tensor) -> tuple[dict[str, Un
                 continue
             op = type(node).__name__
             if op == "AccumulateGrad":
-                pname = param_names.get(id(node.variable))
+                pname = param_names.get(id(cast(Any, node).variable))
                 if pname is not None:
                     leaves.add(pname)
                 continue
@@ -163,21 +166,21 @@ def trace_units(model: nn.Module, input_ids: torch.Tensor) -> tuple[dict[str, Un
     owner: dict[str, str] = {}
     for cons, prods in producers_of.items():
         find(cons)
-        for p in prods:
-            if p in owner:
-                parent[find(cons)] = find(owner[p])
+        for prod in prods:
+            if prod in owner:
+                parent[find(cons)] = find(owner[prod])
             else:
-                owner[p] = cons
+                owner[prod] = cons
     groups: dict[str, list[str]] = {}
     for cons in producers_of:
         groups.setdefault(find(cons), []).append(cons)
     spaces = []
     for members in groups.values():
-        prods = sorted(set().union(*(producers_of[c] for c in members)), key=lambda n: units[n].order)
-        if not prods:
+        ordered = sorted(set().union(*(producers_of[c] for c in members)), key=lambda n: units[n].order)
+        if not ordered:
             continue
         space = Space(
-            producers=prods,
+            producers=ordered,
             consumers=sorted(members, key=lambda n: units[n].order),
             leaves=sorted(set().union(*(leaves_of[c] for c in members))),
             ops=set().union(*(ops_of[c] for c in members)),

@@ -125,14 +125,14 @@ class LHSPG:
                     else:
                         self._hsp(key, groups)
                 if last:
-                    for key, groups in self.active.items():
-                        self.pruned[key].update(groups)
+                    for key, active in self.active.items():
+                        self.pruned[key].update(active)
                     self.active = {k: [] for k in self.sets}
                     if self.cfg.fold_lora_each_period:
                         self._fold_all()
-            for key, groups in self.pruned.items():
-                if groups:
-                    self._scale(self.sets[key], sorted(groups), 0.0)
+            for key, gone in self.pruned.items():
+                if gone:
+                    self._scale(self.sets[key], sorted(gone), 0.0)
         self.step_count += 1
         zero = sum(len(g) for g in self.pruned.values())
         return {"grad_norm": norm, "groups_zero": float(zero), "period": float(period)}
@@ -183,7 +183,7 @@ class LHSPG:
             gi = torch.tensor([g])
             base = [sl for sl in s.slices if sl.zero and sl.lora is None]
             parts = [self.params[sl.param].data.index_select(sl.dim, sl.index[gi].flatten()) for sl in base]
-            deltas = []
+            deltas: list[torch.Tensor | None] = []
             for sl in base:
                 ref = self.refs.get(sl.param)
                 idx = sl.index[gi].flatten()
@@ -193,7 +193,7 @@ class LHSPG:
                     deltas.append(ref.scaling * ref.B.data[idx] @ ref.A.data)
                 else:
                     deltas.append(ref.scaling * ref.B.data @ ref.A.data[:, idx])
-            norm = torch.sqrt(sum((x.float() ** 2).sum() for x in parts))
+            norm = torch.sqrt(torch.stack([(x.float() ** 2).sum() for x in parts]).sum())
             if norm == 0:
                 continue
             trial = [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,7 @@ import torch
 from lorashear.resolve import BUNDLED_MODEL_ROOT
 
 STORIES = BUNDLED_MODEL_ROOT / "stories260K"
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub: every file is local (peft otherwise probes for a tokenizer)
 
 
 @dataclass(frozen=True)

@@ -7,11 +7,19 @@ import copy
 import pytest
 import torch
 
+from lorashear.compression import (
+    apply_plan,
+    check_exact,
+    kept_indices,
+    make_plan,
+    rescale_norms_,
+    slice_,
+    stock_loadable,
+)
 from lorashear.config import LoRAConfig
 from lorashear.errors import AdapterMismatchError
 from lorashear.graph import discover
 from lorashear.modeling import attach_lora, count_params, model_shape
-from lorashear.prune import apply_plan, check_exact, kept_indices, make_plan, rescale_norms_, slice_, stock_loadable
 
 from .conftest import Case, build_model
 

@@ -14,10 +14,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from lorashear.compression.slicing import check_exact, kept_indices, make_plan, rescale_norms_, slice_
 from lorashear.errors import ExactnessError
 from lorashear.graph import Structures
 from lorashear.modeling import count_params
-from lorashear.prune.slicing import check_exact, kept_indices, make_plan, rescale_norms_, slice_
 
 STAGE = "compress"
 
@@ -63,12 +63,13 @@ def apply_removed(model: nn.Module, structures: Structures, removed: dict[str, l
     kept = kept_indices(structures, removed)
     hidden_before = structures.shape.hidden_size
     slice_(model, kept)
+    cfg: Any = model.config
     norms: list[str] = []
     for s in structures.sets:
         if s.kind == "hidden_dim" and removed.get(s.key):
             norms = [sl.param for sl in s.slices if sl.role == "consumer" and sl.param in s.meta.get("norms", [])]
-            rescale_norms_(model, norms, hidden_before, model.config.hidden_size)
-    return make_plan(kept, model.config.to_dict(), norms=norms, hidden_before=hidden_before)
+            rescale_norms_(model, norms, hidden_before, cfg.hidden_size)
+    return make_plan(kept, cfg.to_dict(), norms=norms, hidden_before=hidden_before)
 
 
 def exactness_dtype(model: nn.Module, compute: torch.dtype) -> torch.dtype:

@@ -22,7 +22,7 @@ import copy
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -72,7 +72,7 @@ def stock_loadable(model: nn.Module) -> tuple[nn.Module, str | None]:
     Raises:
         ValueError: the family needs divisible heads and has no stock class to re-express the model as.
     """
-    cfg = model.config
+    cfg: Any = model.config
     family = get_family(cfg.model_type)
     if not family.heads_must_divide_hidden or cfg.hidden_size % cfg.num_attention_heads == 0:
         return model, None
@@ -84,7 +84,7 @@ def stock_loadable(model: nn.Module) -> tuple[nn.Module, str | None]:
     src = cfg.to_dict()
     kwargs = {k: src[k] for k in _PORTABLE_KEYS if k in src}
     new_cfg = AutoConfig.for_model(family.export_as, **kwargs, sliding_window=None)
-    new_cfg.dtype = model.dtype
+    new_cfg.dtype = cast(Any, model).dtype
     with torch.device("meta"):
         out = AutoModelForCausalLM.from_config(new_cfg)
     out.load_state_dict(model.state_dict(), strict=True, assign=True)
@@ -141,7 +141,7 @@ class ExportResult:
         return cls(**data)
 
 
-def _save(model: nn.Module, tokenizer: Any, directory: Path) -> None:
+def _save(model: Any, tokenizer: Any, directory: Path) -> None:
     model.save_pretrained(str(directory))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(directory))
@@ -161,10 +161,12 @@ def _logits(model: nn.Module, probe: torch.Tensor) -> torch.Tensor:
     return model(input_ids=probe.to(next(model.parameters()).device), use_cache=False).logits.float().cpu()
 
 
-def _reload_check(directory: Path, cfg: ExportConfig, expected: torch.Tensor, probe: torch.Tensor, dtype: torch.dtype):
+def _reload_check(
+    directory: Path, cfg: ExportConfig, expected: torch.Tensor, probe: torch.Tensor, dtype: torch.dtype
+) -> tuple[str, int, float]:
     from transformers import AutoModelForCausalLM
 
-    loaded, info = AutoModelForCausalLM.from_pretrained(
+    loaded, info = cast(Any, AutoModelForCausalLM).from_pretrained(
         str(directory / "model"), output_loading_info=True, dtype=torch.float32, trust_remote_code=False
     )
     bad = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
@@ -213,23 +215,24 @@ def export(
         ConfigError: the exported weights are not smaller than the input's (``export.dtype``).
     """
     directory = Path(directory)
+    peft_model = cast(Any, model)
     dtype = DTYPES.get(cfg.dtype) or input_dtype or torch.float32
     probe = probe_ids.to(next(model.parameters()).device)
     reference = _logits(model, probe)
     artifacts: dict[str, str] = {}
     if cfg.save_adapter or not cfg.merge_lora:
         base_dir = "model" if not cfg.merge_lora else "pruned_base"
-        model.save_pretrained(str(directory / "adapter"))
+        peft_model.save_pretrained(str(directory / "adapter"))
         _point_adapter_at(directory / "adapter", base_dir)
         artifacts["adapter"] = "adapter"
-        base = (copy.deepcopy(model) if cfg.merge_lora else model).unload()
+        base = (copy.deepcopy(peft_model) if cfg.merge_lora else peft_model).unload()
         base, _ = stock_loadable(base)
         _save(base.to(dtype), tokenizer, directory / base_dir)
         artifacts[base_dir] = base_dir
     merge_diff = None
     note = None
     if cfg.merge_lora:
-        merged = model.merge_and_unload()
+        merged = peft_model.merge_and_unload()
         merged.config.use_cache = True
         merged, note = stock_loadable(merged)
         check_sane(merged, probe, stage=STAGE)

@@ -10,7 +10,7 @@ the weights (config, linear/embedding attributes, attention's ``num_key_value_gr
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -46,8 +46,8 @@ def kept_indices(structures: Structures, removed: dict[str, list[int]]) -> dict[
             sizes.setdefault(sl.param, {})[sl.dim] = params[sl.param][sl.dim]
     out: dict[str, dict[int, torch.Tensor]] = {}
     for name, dims in drop.items():
-        for dim, idx in dims.items():
-            keep = [i for i in range(sizes[name][dim]) if i not in idx]
+        for dim, gone in dims.items():
+            keep = [i for i in range(sizes[name][dim]) if i not in gone]
             out.setdefault(name, {})[dim] = torch.tensor(keep, dtype=torch.long)
     return out
 
@@ -87,8 +87,9 @@ def reconcile_(model: nn.Module) -> None:
     ``embedding_dim``; ``num_key_value_groups`` of attention modules; cached ``hidden_size`` /
     ``intermediate_size`` of MLPs.
     """
-    cfg = model.config
+    cfg: Any = model.config
     head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+    mod: Any
     for mod in model.modules():
         if isinstance(mod, nn.Linear):
             mod.out_features, mod.in_features = mod.weight.shape
@@ -98,10 +99,11 @@ def reconcile_(model: nn.Module) -> None:
         base = getattr(mod, "base_layer", None)
         if isinstance(base, nn.Linear) and hasattr(mod, "in_features"):
             mod.in_features, mod.out_features = base.in_features, base.out_features
-    attn = [m for m in model.modules() if hasattr(m, "q_proj") and hasattr(m, "k_proj")]
-    mlps = [m for m in model.modules() if hasattr(m, "gate_proj") and hasattr(m, "down_proj")]
-    emb = model.get_input_embeddings()
+    attn: list[Any] = [m for m in model.modules() if hasattr(m, "q_proj") and hasattr(m, "k_proj")]
+    mlps: list[Any] = [m for m in model.modules() if hasattr(m, "gate_proj") and hasattr(m, "down_proj")]
+    emb = cast(Any, model).get_input_embeddings()
     if attn:
+        m: Any
         q, k = _linear(attn[0].q_proj), _linear(attn[0].k_proj)
         cfg.num_attention_heads = q.out_features // head_dim
         cfg.num_key_value_heads = k.out_features // head_dim
@@ -179,7 +181,7 @@ def apply_plan(model: nn.Module, plan: dict[str, Any]) -> nn.Module:
             raise ValueError(f"plan names tensor {t['name']!r}, which the model lacks")
         kept.setdefault(t["name"], {})[int(t["dim"])] = torch.tensor(t["kept"], dtype=torch.long)
     slice_(model, kept)
-    hidden_after = model.get_input_embeddings().weight.shape[1]
+    hidden_after = cast(Any, model).get_input_embeddings().weight.shape[1]
     rescale_norms_(model, plan["norm_rescale"]["params"], plan["norm_rescale"]["hidden_before"], hidden_after)
     return model
 

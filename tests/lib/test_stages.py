@@ -1,0 +1,153 @@
+"""The public stage verbs one by one (issue 10), and what the pipeline must refuse to ship (issue 7, items 6-8)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lorashear.errors import ConfigError, DivergedError
+from lorashear.events import STAGES
+from lorashear.pipeline import run
+from lorashear.resolve import BUNDLED_DATA_ROOT, BUNDLED_MODEL_ROOT, Roots
+
+from .test_pipeline import spec_of
+
+
+def test_single_stages_from_python() -> None:
+    """The README's library example: each stage alone, a config in, a typed result out."""
+    import lorashear
+    from lorashear.config import EvaluationConfig, LHSPGConfig
+
+    spec = spec_of()
+    job = lorashear.load(spec)  # model + fresh LoRA + tokenized data
+    st = lorashear.discover(job.model, spec.structures, probe_ids=job.data.probe(8, 1))
+    quotas = lorashear.plan_quotas(job.shape, 0.2, spec.structures, gamma=0.1)
+    analysis = lorashear.analyze(job.model, st, job.data.calibration.windows(64)[:8], spec.analysis)
+    assert len(analysis.layer_map) == 2 * job.shape.num_layers
+    assert all(len(v) >= 1 for k, v in analysis.protected.items() if not k.startswith("query_head"))
+    gen = torch.Generator().manual_seed(0)
+    cfg = LHSPGConfig(warmup_steps=1, periods=2, period_steps=2, batch_size=2, seq_len=32)
+    pruned = lorashear.prune(
+        job.model, st, lorashear.set_quotas(st, quotas), cfg, lambda: job.data.pool.sample(2, 32, gen)
+    )
+    assert sum(len(v) for v in pruned.removed.values()) > 0 and len(pruned.losses) == cfg.total_steps
+    before = lorashear.evaluate(job.model, job.data.eval, EvaluationConfig(window=64, max_windows=4))
+    res = lorashear.compress(
+        job.model, st, pruned.removed, probe_ids=job.data.probe(), expected_params=quotas.params_after
+    )
+    assert res.exact and res.max_abs_logit_diff < 1e-4 and res.params_after == quotas.params_after
+    after = lorashear.evaluate(job.model, job.data.eval, EvaluationConfig(window=64, max_windows=4))
+    assert after.perplexity.perplexity == pytest.approx(before.perplexity.perplexity, rel=1e-4)
+
+
+@pytest.mark.parametrize(
+    "extra, field",
+    [
+        (
+            {
+                "lhspg": {"lr": 1e6, "warmup_steps": 0, "periods": 1, "period_steps": 1},
+                "recovery": {"enabled": False},
+            },
+            "lhspg.lr",
+        ),
+        ({"recovery": {"lr": 1e6}}, "recovery.lr"),
+    ],
+    ids=["lhspg", "recovery"],
+)
+def test_divergence_fails_the_run_as_a_user_error(tmp_path: Path, extra: dict, field: str) -> None:
+    """Issue 7, item 6: lr 1e6 once shipped an all-zero-logit model with exit 0; now a user error naming the field."""
+    with pytest.raises(DivergedError) as err:
+        run(spec_of(extra), tmp_path / "out", roots=Roots(), work_dir=tmp_path / "w")
+    assert err.value.field == field and err.value.user_error and err.value.code == "diverged"
+    assert field in err.value.message  # the hint names the learning rate
+    assert not (tmp_path / "out").exists(), "nothing shipped"
+
+
+@pytest.fixture(scope="module")
+def fp16_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from transformers import AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("models")
+    src = BUNDLED_MODEL_ROOT / "stories260K"
+    model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float16)
+    model.save_pretrained(str(root / "stories-fp16"))
+    for f in src.glob("tokenizer*"):
+        shutil.copy(f, root / "stories-fp16" / f.name)
+    shutil.copy(src / "special_tokens_map.json", root / "stories-fp16")
+    return root
+
+
+def test_fp16_input_exports_in_fp16_and_smaller(tmp_path: Path, fp16_root: Path) -> None:
+    """Issue 7, item 7: an fp16 model was exported in fp32, 60% larger than its input."""
+    from safetensors import safe_open
+
+    spec = spec_of(model="stories-fp16")
+    res = run(spec, tmp_path / "out", roots=Roots(fp16_root, BUNDLED_DATA_ROOT), work_dir=tmp_path / "w")
+    assert res.report["export"]["dtype"] == "float16"
+    assert set(res.report["timings"]) == set(STAGES)  # every stage, export included (issue 10)
+    with safe_open(str(tmp_path / "out" / "model" / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}  # noqa: SIM118
+    assert res.report["model"]["pruned_file_bytes"] < res.report["model"]["dense_file_bytes"]
+
+
+def test_export_not_smaller_than_input_fails(tmp_path: Path, fp16_root: Path) -> None:
+    spec = spec_of({"export": {"dtype": "float32"}}, model="stories-fp16", target_ratio=0.1)
+    with pytest.raises(ConfigError, match="not less than the input") as err:
+        run(spec, tmp_path / "out", roots=Roots(fp16_root, BUNDLED_DATA_ROOT), work_dir=tmp_path / "w")
+    assert err.value.field == "export.dtype"
+    assert not (tmp_path / "out").exists()
+
+
+def test_separate_adapter_names_its_pruned_base_relatively(tmp_path: Path) -> None:
+    """Issue 7, item 8: the adapter named the dense model's absolute server path and failed to load."""
+    from peft import AutoPeftModelForCausalLM
+
+    res = run(spec_of({"export": {"merge_lora": False}}), tmp_path / "out", roots=Roots(), work_dir=tmp_path / "w")
+    cfg = json.loads((tmp_path / "out" / "adapter" / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == "model"
+    assert str(BUNDLED_MODEL_ROOT) not in (tmp_path / "out" / "adapter" / "adapter_config.json").read_text()
+    cwd = os.getcwd()
+    os.chdir(tmp_path / "out")
+    try:
+        model = AutoPeftModelForCausalLM.from_pretrained("adapter")
+    finally:
+        os.chdir(cwd)
+    assert sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n) == res.summary["params_after"]
+
+
+def test_cli_lists_the_service_commands_from_the_entry_point() -> None:
+    """Issue 10: the library's CLI does not import the service; the service adds `serve` and `demo` itself."""
+    code = (
+        "import sys, lorashear.cli as c; p = c.build_parser(); "
+        "assert 'api.app' not in sys.modules and 'fastapi' not in sys.modules, sorted(sys.modules); "
+        "print(' '.join(sorted(p._subparsers._group_actions[0].choices)))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert set(out.stdout.split()) == {"run", "inspect", "eval", "spec", "serve", "demo"}
+    source = (Path(__file__).parents[2] / "lorashear" / "cli.py").read_text()
+    assert "api." not in source and "import api" not in source
+
+
+def test_cli_skips_a_plugin_whose_dependencies_are_missing(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.metadata
+
+    from lorashear import cli
+
+    class Broken:
+        name = "broken"
+
+        def load(self):
+            raise ImportError("fastapi is not installed")
+
+    monkeypatch.setattr(importlib.metadata, "entry_points", lambda group: [Broken()])
+    parser = cli.build_parser()
+    assert "serve" not in parser._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    assert parser.parse_args(["spec"]).command == "spec"
