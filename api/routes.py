@@ -82,8 +82,10 @@ async def create_job(
 
     def _create() -> tuple[JobOut, bool, str]:
         job, created = service.create(body, idempotency_key, allow_unknown_fields=allow_unknown_fields)
+        out = job_out(job)  # inside the transaction: nothing is lazily loaded after it
         session.commit()
-        return job_out(job), created, job.id
+        session.close()  # release the connection (and SQLite's write lock) before the broker call and the response
+        return out, created, job.id
 
     async with request.app.state.admission.slot():
         out, created, job_id = await run_in_threadpool(_create)
@@ -119,8 +121,10 @@ def cancel_job(job_id: str, service: ServiceDep, session: SessionDep) -> JobOut:
     """Cancel a job: a queued job at once; a running one stops within one pipeline step (``cancel_requested``
     shows it is on its way). Cancelling a cancelled job is a no-op; a finished one answers 409."""
     job = service.cancel(job_id)
+    out = job_out(job)
     session.commit()
-    return job_out(job)
+    session.close()
+    return out
 
 
 @router.get(
