@@ -105,7 +105,13 @@ def test_worker_kill9_ten_times(make_stack, pg_url, tmp_path) -> None:
             stack.kill_worker()
             stack.start_worker()
         done = wait_terminal(c, job["id"], timeout=900)
-        events = c.get(f"/v1/jobs/{job['id']}/events", params={"limit": 1000}).json()["data"]
+        events, after = [], 0
+        while True:  # every page: a job killed ten times has well over 1,000 events
+            page = c.get(f"/v1/jobs/{job['id']}/events", params={"limit": 1000, "after": after}).json()
+            events += page["data"]
+            if not page["has_more"]:
+                break
+            after = int(page["next_cursor"])
     resumed = sum(1 for e in events if e["kind"] == "log" and e["message"].startswith("resumed"))
     record(
         "worker_kill9",
