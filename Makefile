@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: demo serve test test-service lint venv clean-venv
+.PHONY: demo serve test test-service test-reliability lint venv clean-venv
 
 venv: $(VENV)/.installed
 
@@ -27,7 +27,12 @@ serve: venv
 	$(VENV)/bin/lorashear serve
 
 test: venv
-	$(PY) -m pytest --timeout=1500 -q $(PYTEST_ARGS)
+	$(PY) -m pytest --timeout=1500 -q --ignore=tests/reliability $(PYTEST_ARGS)
+	$(MAKE) test-reliability
+
+# Faults under a real stack (private PostgreSQL/Redis on their own ports); prints its figures. About 8 minutes.
+test-reliability: venv
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m pytest --timeout=900 -q -p no:cacheprovider tests/reliability $(PYTEST_ARGS)
 
 test-service: venv
 	$(PY) -m pytest --timeout=1500 -q -m service tests/service $(PYTEST_ARGS)

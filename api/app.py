@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from api import errors
+from api.limits import Admission, BodyGuard
 from api.routes import health, router
 from jobs.db import make_engine, make_sessionmaker, migrate
 from jobs.dispatch import Dispatcher, EmbeddedDispatcher, make_dispatcher
@@ -61,12 +62,19 @@ def create_app(settings: Settings | None = None, *, dispatcher: Dispatcher | Non
         redoc_url=None,
         openapi_url="/openapi.json",
     )
-    engine = make_engine(settings.db_url)
+    engine = make_engine(
+        settings.db_url,
+        pool_size=settings.db_pool_size,
+        max_overflow=settings.db_max_overflow,
+        pool_timeout=settings.db_pool_timeout,
+    )
     app.state.settings = settings
     app.state.engine = engine
     app.state.sessions = make_sessionmaker(engine)
     app.state.dispatcher = dispatcher or make_dispatcher(settings)
+    app.state.admission = Admission(settings.max_pending_submissions)
     errors.install(app)
+    app.add_middleware(BodyGuard, max_bytes=settings.max_body_bytes, json_paths=("/v1/jobs",))
     app.include_router(router)
     app.include_router(health)
     return app

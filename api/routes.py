@@ -34,6 +34,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorResponse, "description": "Missing or unknown API key"},
     404: {"model": ErrorResponse, "description": "No such job or artifact"},
     422: {"model": ErrorResponse, "description": "Invalid request; `field` names the culprit"},
+    503: {"model": ErrorResponse, "description": "The database is unavailable or saturated; see Retry-After"},
 }
 
 router = APIRouter(prefix="/v1", tags=["jobs"], responses=ERRORS)
@@ -47,6 +48,9 @@ health = APIRouter(tags=["health"])
     responses={
         200: {"model": JobOut, "description": "Replay of an earlier request with the same Idempotency-Key"},
         409: {"model": ErrorResponse, "description": "Idempotency-Key reused with a different body"},
+        413: {"model": ErrorResponse, "description": "Request body over MAX_BODY_BYTES"},
+        415: {"model": ErrorResponse, "description": "The body is not JSON (Content-Type)"},
+        429: {"model": ErrorResponse, "description": "Too many submissions in progress; see Retry-After"},
     },
 )
 async def create_job(
@@ -56,20 +60,35 @@ async def create_job(
     service: ServiceDep,
     session: SessionDep,
     dispatcher: DispatcherDep,
-    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            alias="Idempotency-Key",
+            min_length=1,
+            max_length=255,
+            description="Makes retries safe: the same key and body return the same job (1-255 characters).",
+        ),
+    ] = None,
+    allow_unknown_fields: Annotated[
+        bool, Query(description="Accept unknown spec fields with a warning instead of refusing them (422)")
+    ] = False,
 ) -> JobOut:
     """Submit a pruning job. The spec is validated (schema, library config, pre-flight) before anything is
-    queued; the job is committed as ``queued`` and only then sent to a worker, by task name, with its id."""
+    queued; the job is committed as ``queued`` and only then sent to a worker, by task name, with its id.
+    Unknown spec fields are refused (``config_error`` naming them) unless ``allow_unknown_fields=true``."""
     body = await request.json()
     if not isinstance(body, dict):  # pragma: no cover - the schema already requires an object
         raise InvalidSpec("the request body must be a JSON object", field="body")
 
     def _create() -> tuple[JobOut, bool, str]:
-        job, created = service.create(body, idempotency_key)
+        job, created = service.create(body, idempotency_key, allow_unknown_fields=allow_unknown_fields)
+        out = job_out(job)  # inside the transaction: nothing is lazily loaded after it
         session.commit()
-        return job_out(job), created, job.id
+        session.close()  # release the connection (and SQLite's write lock) before the broker call and the response
+        return out, created, job.id
 
-    out, created, job_id = await run_in_threadpool(_create)
+    async with request.app.state.admission.slot():
+        out, created, job_id = await run_in_threadpool(_create)
     if created:
         try:
             await run_in_threadpool(dispatcher.send, job_id)
@@ -102,8 +121,10 @@ def cancel_job(job_id: str, service: ServiceDep, session: SessionDep) -> JobOut:
     """Cancel a job: a queued job at once; a running one stops within one pipeline step (``cancel_requested``
     shows it is on its way). Cancelling a cancelled job is a no-op; a finished one answers 409."""
     job = service.cancel(job_id)
+    out = job_out(job)
     session.commit()
-    return job_out(job)
+    session.close()
+    return out
 
 
 @router.get(

@@ -148,12 +148,13 @@ class EmbeddedDispatcher:
             self._thread.join(timeout)
 
     def _loop(self) -> None:
-        from jobs.reconcile import reconcile
+        from jobs.reconcile import OutageGuard
         from jobs.runner import run_job
 
         interval = self.settings.reconcile_interval
+        guard = OutageGuard(self.settings.stale_after)
         try:
-            reconcile(self.settings, self, resend_all_queued=True)
+            guard.run(self.settings, self, resend_all_queued=True)
         except Exception:
             log.exception("initial reconcile failed")
         while not self._stop.is_set():
@@ -162,7 +163,7 @@ class EmbeddedDispatcher:
             except queue.Empty:
                 if interval > 0:
                     try:
-                        reconcile(self.settings, self)
+                        guard.run(self.settings, self)
                     except Exception:
                         log.exception("reconcile failed")
                 continue

@@ -6,6 +6,10 @@
 * A ``queued`` job last sent more than ``REQUEUE_QUEUED_AFTER`` seconds ago that is not waiting in the broker
   (Redis was flushed or lost the message) is re-sent.
 
+A database outage stops every heartbeat, so after one the reconciler judges no heartbeat stale until it has reached
+the database for ``STALE_AFTER`` seconds again (:class:`OutageGuard`): live workers keep computing through the outage
+and heartbeat again when it is back, and do not lose an attempt to it.
+
 Every change is a conditional update, so several reconcilers (one per worker) may run at once; a duplicate
 message is harmless because claiming is atomic.
 """
@@ -14,11 +18,12 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 
 from jobs.context import database
-from jobs.db import session_scope
+from jobs.db import is_unavailable, session_scope
 from jobs.dispatch import Dispatcher
 from jobs.models import JobEvent, utcnow
 from jobs.repository import JobRepository
@@ -38,7 +43,39 @@ class ReconcileReport:
     failed: list[str] = field(default_factory=list)
 
 
-def reconcile(settings: Settings, dispatcher: Dispatcher, *, resend_all_queued: bool = False) -> ReconcileReport:
+class OutageGuard:
+    """Remembers when a reconciler last failed to reach the database; stale heartbeats are judged only once it
+    has reached it again for ``stale_after`` seconds (every worker had time to heartbeat again)."""
+
+    def __init__(self, stale_after: float, clock=time.monotonic) -> None:  # type: ignore[no-untyped-def]
+        self.stale_after = stale_after
+        self.clock = clock
+        self.last_failure: float | None = None
+
+    def failed(self) -> None:
+        """Record a pass that could not reach the database."""
+        self.last_failure = self.clock()
+
+    def may_judge_stale(self) -> bool:
+        """True when no outage happened within the last ``stale_after`` seconds."""
+        return self.last_failure is None or self.clock() - self.last_failure >= self.stale_after
+
+    def run(self, settings: Settings, dispatcher: Dispatcher, **kwargs: bool) -> ReconcileReport | None:
+        """One guarded pass: ``None`` (and the outage recorded) when the database is unavailable."""
+        try:
+            return reconcile(settings, dispatcher, judge_stale=self.may_judge_stale(), **kwargs)
+        except Exception as exc:
+            if not is_unavailable(exc):
+                raise
+            if self.last_failure is None or self.clock() - self.last_failure > 60:
+                log.warning("reconciler: database unavailable (%s); stale checks paused", type(exc).__name__)
+            self.failed()
+            return None
+
+
+def reconcile(
+    settings: Settings, dispatcher: Dispatcher, *, resend_all_queued: bool = False, judge_stale: bool = True
+) -> ReconcileReport:
     """One reconciler pass (see the module docstring).
 
     Args:
@@ -46,6 +83,7 @@ def reconcile(settings: Settings, dispatcher: Dispatcher, *, resend_all_queued: 
         dispatcher: where re-queued jobs are sent.
         resend_all_queued: re-send every queued job not waiting in the broker, whatever its age (used when an
             embedded worker starts: its in-memory queue is empty).
+        judge_stale: look for running jobs with stale heartbeats (off right after a database outage).
 
     Returns:
         What was done.
@@ -56,7 +94,12 @@ def reconcile(settings: Settings, dispatcher: Dispatcher, *, resend_all_queued: 
     stale_before = now - timedelta(seconds=settings.stale_after)
     with session_scope(sessions) as s:
         repo = JobRepository(s)
-        for job in repo.stale_running(stale_before):
+        for job_id in repo.queued_cancel_requested():
+            if repo.cancel_queued(job_id, now):
+                report.cancelled.append(job_id)
+        for job in repo.stale_running(stale_before) if judge_stale else ():
+            # Read before the update: a bulk UPDATE also refreshes this in-session object (worker becomes None).
+            worker, attempt, stage = job.worker, job.attempt, job.stage
             seen = job.heartbeat_at.isoformat() if job.heartbeat_at else "never"
             if job.cancel_requested:
                 target, note = JobStatus.CANCELLED, "cancelled (its worker was lost before it stopped)"
@@ -68,14 +111,14 @@ def reconcile(settings: Settings, dispatcher: Dispatcher, *, resend_all_queued: 
             else:
                 target, note, error = JobStatus.QUEUED, f"re-queued for attempt {job.attempt + 1}", None
             if not repo.release_stale(job.id, stale_before, target, now, error):
-                continue  # it heartbeated meanwhile, or another reconciler got it
+                continue  # it heartbeated meanwhile, a cancel arrived, or another reconciler got it
             repo.add_event(
                 JobEvent(
                     job_id=job.id,
-                    attempt=job.attempt,
-                    stage=job.stage or "load",
+                    attempt=attempt,
+                    stage=stage or "load",
                     kind="log",
-                    message=f"worker {job.worker} lost (last heartbeat {seen}); {note}",
+                    message=f"worker {worker or '(unknown)'} lost (last heartbeat {seen}); {note}",
                     metrics={},
                     data={"reconciler": target.value},
                     time=now,
@@ -112,13 +155,14 @@ class ReconcilerThread(threading.Thread):
         self.settings = settings
         self.dispatcher = dispatcher
         self._stop_event = threading.Event()
+        self.guard = OutageGuard(settings.stale_after)
 
     def run(self) -> None:
         """Loop until :meth:`stop`; errors are logged and the loop continues."""
         interval = self.settings.reconcile_interval
         while not self._stop_event.wait(interval):
             try:
-                reconcile(self.settings, self.dispatcher)
+                self.guard.run(self.settings, self.dispatcher)
             except Exception:
                 log.exception("reconciler pass failed")
 

@@ -106,19 +106,25 @@ class JobRepository:
         """Number of jobs of all owners."""
         return int(self.session.scalar(select(func.count()).select_from(Job)) or 0)
 
+    def request_cancel(self, job_id: str) -> bool:
+        """Set the cancel flag of a queued or running job; guarded by ``status in (queued, running)``.
+
+        Setting the flag first closes the race with a worker's claim: :meth:`claim` refuses a flagged row, so a job
+        is either claimed before this update (the running worker sees the flag within one step) or never.
+        """
+        res = self.session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.status.in_([JobStatus.QUEUED.value, JobStatus.RUNNING.value]))
+            .values(cancel_requested=True)
+        )
+        return _changed(res) == 1
+
     def cancel_queued(self, job_id: str, now: datetime) -> bool:
         """``queued -> cancelled``; guarded by ``status = queued``."""
         res = self.session.execute(
             update(Job)
             .where(Job.id == job_id, Job.status == JobStatus.QUEUED.value)
             .values(status=JobStatus.CANCELLED.value, cancel_requested=True, finished_at=now)
-        )
-        return _changed(res) == 1
-
-    def request_cancel(self, job_id: str) -> bool:
-        """Set the cancel flag of a running job (the worker stops within one step); guarded by ``running``."""
-        res = self.session.execute(
-            update(Job).where(Job.id == job_id, Job.status == JobStatus.RUNNING.value).values(cancel_requested=True)
         )
         return _changed(res) == 1
 
@@ -226,12 +232,18 @@ class JobRepository:
             values["finished_at"] = now
         if error is not None:
             values.update(error_code=error["code"], error_type=error["type"], error_message=error["message"])
-        res = self.session.execute(
-            update(Job)
-            .where(Job.id == job_id, Job.status == JobStatus.RUNNING.value, Job.heartbeat_at < stale_before)
-            .values(**values)
+        stmt = update(Job).where(
+            Job.id == job_id, Job.status == JobStatus.RUNNING.value, Job.heartbeat_at < stale_before
         )
-        return _changed(res) == 1
+        if to is not JobStatus.CANCELLED:  # a cancel that arrived meanwhile wins: the next pass cancels the job
+            stmt = stmt.where(Job.cancel_requested.is_(False))
+        return _changed(self.session.execute(stmt.values(**values))) == 1
+
+    def queued_cancel_requested(self) -> Sequence[str]:
+        """Ids of queued jobs whose cancel flag is set (a cancel recorded while the job was being re-queued)."""
+        return self.session.scalars(
+            select(Job.id).where(Job.status == JobStatus.QUEUED.value, Job.cancel_requested.is_(True))
+        ).all()
 
     def queued_before(self, before: datetime | None) -> Sequence[str]:
         """Ids of queued jobs last sent to the broker before ``before`` (all queued jobs when ``None``)."""

@@ -23,6 +23,7 @@ import os
 import shutil
 import socket
 import threading
+import time
 import traceback
 import uuid
 from collections.abc import Callable
@@ -33,7 +34,7 @@ from typing import Any
 
 from jobs.artifacts import describe
 from jobs.context import database
-from jobs.db import session_scope
+from jobs.db import is_unavailable, session_scope
 from jobs.errors import snake_case
 from jobs.models import Artifact, JobEvent, MetricPoint, utcnow
 from jobs.repository import JobRepository, new_artifact_id
@@ -99,8 +100,68 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
+def path_redactor(settings: Settings, job_id: str) -> Callable[[str], str]:
+    """A function that replaces the server's absolute paths in a text with job-relative names: the job's output
+    directory becomes ``""`` (``/srv/artifacts/job_x/model`` -> ``model``), its work directory ``work``, and the
+    model/data roots ``models``/``data``. Events and error messages go to clients; server paths must not."""
+    roots = settings.roots()
+    pairs = [
+        (str(settings.artifacts_dir / job_id), ""),
+        (str(settings.work_dir / job_id), "work"),
+        (str(settings.artifacts_dir), "artifacts"),
+        (str(settings.work_dir), "work"),
+        (str(roots.model_root), "models"),
+        (str(roots.data_root), "data"),
+    ]
+    pairs.sort(key=lambda p: len(p[0]), reverse=True)
+
+    def redact(text: str) -> str:
+        for prefix, name in pairs:
+            if prefix and prefix in text:
+                text = text.replace(prefix + os.sep, f"{name}/" if name else "").replace(prefix, name or ".")
+        return text
+
+    return redact
+
+
+def _redacted(value: Any, redact: Callable[[str], str]) -> Any:
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {k: _redacted(v, redact) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redacted(v, redact) for v in value]
+    return value
+
+
+MAX_BACKLOG = 10_000
+"""Events a worker buffers while the database does not answer; beyond it the oldest progress events are dropped
+(stage boundaries and logs are kept)."""
+
+
+def with_db_retry(fn: Callable[[], Any], *, what: str, tolerance: float, job_id: str) -> Any:
+    """Call ``fn`` until it does not fail with an "unavailable" database error, for up to ``tolerance`` seconds
+    (backoff 0.5 s doubling to 10 s); other errors, and the last unavailable one, propagate."""
+    deadline = time.monotonic() + tolerance
+    delay = 0.5
+    while True:
+        try:
+            return fn()
+        except Exception as exc:
+            if not is_unavailable(exc) or time.monotonic() + delay > deadline:
+                raise
+            log.warning("job %s: database unavailable while %s (%s); retrying", job_id, what, type(exc).__name__)
+            time.sleep(delay)
+            delay = min(delay * 2, 10.0)
+
+
 class _Attempt:
-    """State of one attempt: the holder identity, the heartbeat thread, and whether the claim was lost."""
+    """State of one attempt: the holder identity, the heartbeat thread, and whether the claim was lost.
+
+    While the database does not answer, the attempt keeps computing: events and progress are buffered in order
+    and written when it is back (by the next event or heartbeat), ``should_cancel`` answers from the last flag
+    read, and the final write is retried (``DB_OUTAGE_TOLERANCE``).
+    """
 
     def __init__(
         self, settings: Settings, job_id: str, attempt: int, worker: str, stopping: Callable[[], bool] | None
@@ -115,6 +176,11 @@ class _Attempt:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{job_id}", daemon=True)
         self.stage = "load"
+        self.redact = path_redactor(settings, job_id)
+        self._backlog: list[tuple[JobEvent, list[MetricPoint], dict[str, Any] | None]] = []
+        self._flush_lock = threading.Lock()
+        self._cancel_seen = False
+        self.dropped = 0
 
     def __enter__(self) -> _Attempt:
         self._thread.start()
@@ -132,8 +198,48 @@ class _Attempt:
                         log.warning("job %s: claim lost (another worker took it over)", self.job_id)
                         self.lost.set()
                         return
-            except Exception:  # a database hiccup: keep beating; staleness needs several misses
-                log.exception("job %s: heartbeat failed", self.job_id)
+                self._write(None)  # the database is back: catch up on buffered events
+            except Exception as exc:  # a database outage: keep computing, keep beating, catch up later
+                if is_unavailable(exc):
+                    log.warning("job %s: heartbeat failed, database unavailable (%s)", self.job_id, type(exc).__name__)
+                else:
+                    log.exception("job %s: heartbeat failed", self.job_id)
+
+    def _write(self, item: tuple[JobEvent, list[MetricPoint], dict[str, Any] | None] | None) -> None:
+        """Append ``item`` to the backlog and write the backlog in one transaction (progress: the latest only).
+        On an unavailable database the backlog is kept; the claim being lost sets :attr:`lost`."""
+        with self._flush_lock:
+            if item is not None:
+                self._backlog.append(item)
+                if len(self._backlog) > MAX_BACKLOG:
+                    drop = next((i for i, (e, _, _) in enumerate(self._backlog) if e.kind == "progress"), 0)
+                    del self._backlog[drop]
+                    self.dropped += 1
+            if not self._backlog or self.lost.is_set():
+                return
+            progress = next((p for _, _, p in reversed(self._backlog) if p is not None), None)
+            try:
+                with session_scope(self.sessions) as s:
+                    repo = JobRepository(s)
+                    if progress is not None and not repo.set_progress(self.job_id, self.worker, **progress):
+                        self.lost.set()
+                        return
+                    for row, points, _ in self._backlog:
+                        repo.add_event(row, points)
+            except Exception as exc:
+                if not is_unavailable(exc):
+                    raise
+                if len(self._backlog) == 1 or len(self._backlog) % 100 == 0:
+                    log.warning(
+                        "job %s: database unavailable (%s); %d event(s) buffered",
+                        self.job_id,
+                        type(exc).__name__,
+                        len(self._backlog),
+                    )
+                # the objects were added to a rolled-back session: make them fresh for the next try
+                self._backlog = [(_fresh_event(e), [_fresh_point(p) for p in pts], pr) for e, pts, pr in self._backlog]
+                return
+            self._backlog.clear()
 
     def on_event(self, event: Any) -> None:
         """Store a pipeline event, its metric points and the job's progress in one transaction."""
@@ -150,9 +256,9 @@ class _Attempt:
             kind=str(event.kind)[:32],
             step=int(event.step or 0),
             total=int(event.total or 0),
-            message=str(event.message or ""),
+            message=self.redact(str(event.message or "")),
             metrics=metrics,
-            data=_jsonable(getattr(event, "data", {}) or {}),
+            data=_redacted(_jsonable(getattr(event, "data", {}) or {}), self.redact),
             time=when,
         )
         points = [
@@ -160,42 +266,73 @@ class _Attempt:
             for n, v in metrics.items()
         ]
         step = row.total if event.kind == "stage_end" and row.total else row.step
-        with session_scope(self.sessions) as s:
-            repo = JobRepository(s)
-            if not repo.set_progress(
-                self.job_id,
-                self.worker,
-                stage=row.stage,
-                step=step,
-                total=row.total,
-                fraction=overall_fraction(row.stage, step, row.total),
-            ):
-                self.lost.set()
-                return
-            repo.add_event(row, points)
+        progress = {
+            "stage": row.stage,
+            "step": step,
+            "total": row.total,
+            "fraction": overall_fraction(row.stage, step, row.total),
+        }
+        self._write((row, points, progress))
 
     def should_cancel(self) -> bool:
-        """True when the cancel flag is set, this worker lost the job, or the worker is shutting down."""
+        """True when the cancel flag is set, this worker lost the job, or the worker is shutting down. While the
+        database does not answer, the last flag read stands (the run goes on)."""
         if self.lost.is_set() or (self.stopping is not None and self.stopping()):
             return True
-        with session_scope(self.sessions) as s:
-            return JobRepository(s).cancel_requested(self.job_id)
+        try:
+            with session_scope(self.sessions) as s:
+                self._cancel_seen = JobRepository(s).cancel_requested(self.job_id)
+        except Exception as exc:
+            if not is_unavailable(exc):
+                raise
+        return self._cancel_seen
 
     def log(self, message: str, **data: Any) -> None:
-        """Write a ``log`` event of the service itself (claim, failure)."""
-        with session_scope(self.sessions) as s:
-            JobRepository(s).add_event(
-                JobEvent(
-                    job_id=self.job_id,
-                    attempt=self.attempt,
-                    stage=self.stage,
-                    kind="log",
-                    message=message,
-                    metrics={},
-                    data=_jsonable(data),
-                    time=utcnow(),
-                )
-            )
+        """Write a ``log`` event of the service itself (claim, failure); buffered while the database is down."""
+        row = JobEvent(
+            job_id=self.job_id,
+            attempt=self.attempt,
+            stage=self.stage,
+            kind="log",
+            message=self.redact(message),
+            metrics={},
+            data=_redacted(_jsonable(data), self.redact),
+            time=utcnow(),
+        )
+        self._write((row, [], None))
+
+    def flush(self) -> None:
+        """Write buffered events now, retrying while the database is unavailable (up to the tolerance)."""
+        deadline = time.monotonic() + self.settings.db_outage_tolerance
+        delay = 0.5
+        while True:
+            self._write(None)
+            if not self._backlog or self.lost.is_set():
+                return
+            if time.monotonic() + delay > deadline:
+                log.error("job %s: %d buffered event(s) could not be written", self.job_id, len(self._backlog))
+                return
+            time.sleep(delay)
+            delay = min(delay * 2, 10.0)
+
+
+def _fresh_event(e: JobEvent) -> JobEvent:
+    return JobEvent(
+        job_id=e.job_id,
+        attempt=e.attempt,
+        stage=e.stage,
+        kind=e.kind,
+        step=e.step,
+        total=e.total,
+        message=e.message,
+        metrics=e.metrics,
+        data=e.data,
+        time=e.time,
+    )
+
+
+def _fresh_point(p: MetricPoint) -> MetricPoint:
+    return MetricPoint(job_id=p.job_id, attempt=p.attempt, name=p.name, step=p.step, value=p.value, time=p.time)
 
 
 def classify(exc: BaseException, stage: str, settings: Settings) -> dict[str, Any]:
@@ -210,7 +347,7 @@ def classify(exc: BaseException, stage: str, settings: Settings) -> dict[str, An
     if isinstance(exc, LoRAShearError):
         return {
             "code": (ErrorCode.USER_ERROR if exc.user_error else ErrorCode.PLATFORM_ERROR).value,
-            "type": snake_case(type(exc).__name__),
+            "type": exc.code or snake_case(type(exc).__name__),
             "message": exc.message,
             "field": exc.field,
             "detail": detail,
@@ -245,15 +382,22 @@ def run_job(job_id: str, *, settings: Settings | None = None, stopping: Callable
     worker = worker_identity()
     now = utcnow()
     stale_before = now - timedelta(seconds=settings.stale_after)
-    with session_scope(sessions) as s:
-        repo = JobRepository(s)
-        if not repo.claim(job_id, worker, now, stale_before):
+
+    def _claim() -> tuple[dict[str, Any], int] | None:
+        with session_scope(sessions) as s:
+            repo = JobRepository(s)
+            if not repo.claim(job_id, worker, now, stale_before):
+                job = repo.get(job_id)
+                log.info("job %s: not claimable (%s); nothing to do", job_id, job.status if job else "unknown id")
+                return None
             job = repo.get(job_id)
-            log.info("job %s: not claimable (%s); nothing to do", job_id, job.status if job else "unknown id")
-            return Outcome.SKIPPED
-        job = repo.get(job_id)
-        assert job is not None
-        spec_dict, attempt = dict(job.spec), job.attempt
+            assert job is not None
+            return dict(job.spec), job.attempt
+
+    claimed = with_db_retry(_claim, what="claiming", tolerance=settings.db_outage_tolerance, job_id=job_id)
+    if claimed is None:
+        return Outcome.SKIPPED
+    spec_dict, attempt = claimed
 
     with _Attempt(settings, job_id, attempt, worker, stopping) as run:
         run.log(f"attempt {attempt} started on {socket.gethostname()}", attempt=attempt, worker=worker)
@@ -295,6 +439,16 @@ def _cleanup(settings: Settings, job_id: str) -> None:
         shutil.rmtree(settings.work_dir / job_id, ignore_errors=True)
 
 
+def _retrying(run: _Attempt, fn: Callable[[], bool], what: str) -> bool:
+    return bool(with_db_retry(fn, what=what, tolerance=run.settings.db_outage_tolerance, job_id=run.job_id))
+
+
+def _fresh_artifact(a: Artifact) -> Artifact:
+    return Artifact(
+        id=a.id, job_id=a.job_id, name=a.name, kind=a.kind, path=a.path, size=a.size, sha256=a.sha256, files=a.files
+    )
+
+
 def _end_with_success(settings: Settings, job_id: str, run: _Attempt, result: Any) -> Outcome:
     artifacts = []
     for name, path in sorted(dict(result.artifacts).items()):
@@ -312,12 +466,19 @@ def _end_with_success(settings: Settings, job_id: str, run: _Attempt, result: An
             )
         )
     summary = _jsonable(dict(result.summary))
-    with session_scope(run.sessions) as s:
-        repo = JobRepository(s)
-        if not repo.finish(job_id, run.worker, JobStatus.SUCCEEDED, utcnow(), summary=summary):
-            log.warning("job %s: finished, but another worker holds it now; result not recorded", job_id)
-            return Outcome.LOST
-        repo.replace_artifacts(job_id, artifacts)
+    run.flush()
+
+    def _finish() -> bool:
+        with session_scope(run.sessions) as s:
+            repo = JobRepository(s)
+            if not repo.finish(job_id, run.worker, JobStatus.SUCCEEDED, utcnow(), summary=summary):
+                return False
+            repo.replace_artifacts(job_id, [_fresh_artifact(a) for a in artifacts])
+            return True
+
+    if not _retrying(run, _finish, "recording success"):
+        log.warning("job %s: finished, but another worker holds it now; result not recorded", job_id)
+        return Outcome.LOST
     _cleanup(settings, job_id)
     log.info("job %s: succeeded", job_id)
     return Outcome.SUCCEEDED
@@ -329,28 +490,43 @@ def _end_with_error(settings: Settings, job_id: str, run: _Attempt, exc: BaseExc
     if run.lost.is_set():
         log.warning("job %s: stopped after losing the claim", job_id)
         return Outcome.LOST
+    run.flush()
     if isinstance(exc, Cancelled) and run.stopping is not None and run.stopping():
-        with session_scope(run.sessions) as s:
-            requeued = JobRepository(s).release(job_id, run.worker, utcnow())
+
+        def _release() -> bool:
+            with session_scope(run.sessions) as s:
+                return JobRepository(s).release(job_id, run.worker, utcnow())
+
+        requeued = _retrying(run, _release, "re-queueing")
         if requeued:
             run.log("worker shutting down: checkpoint written, job re-queued")
         log.info("job %s: re-queued at shutdown", job_id)
         return Outcome.REQUEUED if requeued else Outcome.LOST
     if isinstance(exc, Cancelled):
-        with session_scope(run.sessions) as s:
-            done = JobRepository(s).finish(job_id, run.worker, JobStatus.CANCELLED, utcnow())
+
+        def _cancelled() -> bool:
+            with session_scope(run.sessions) as s:
+                return JobRepository(s).finish(job_id, run.worker, JobStatus.CANCELLED, utcnow())
+
+        done = _retrying(run, _cancelled, "recording the cancel")
         _cleanup(settings, job_id)
         log.info("job %s: cancelled", job_id)
         return Outcome.CANCELLED if done else Outcome.LOST
     if isinstance(exc, (KeyboardInterrupt, SystemExit)):
         raise exc  # the process is going down: leave the claim to go stale so the job is re-queued
     error = classify(exc, run.stage, settings)
+    error["message"] = run.redact(error["message"])
     log.error("job %s failed (%s/%s): %s\n%s", job_id, error["code"], error["type"], error["message"], error["detail"])
     try:
         run.log(f"failed: {error['message']}", code=error["code"], type=error["type"], field=error["field"])
+        run.flush()
     except Exception:
         log.exception("job %s: could not write the failure event", job_id)
-    with session_scope(run.sessions) as s:
-        done = JobRepository(s).finish(job_id, run.worker, JobStatus.FAILED, utcnow(), error=error)
+
+    def _failed() -> bool:
+        with session_scope(run.sessions) as s:
+            return JobRepository(s).finish(job_id, run.worker, JobStatus.FAILED, utcnow(), error=error)
+
+    done = _retrying(run, _failed, "recording the failure")
     _cleanup(settings, job_id)
     return Outcome.FAILED if done else Outcome.LOST

@@ -36,11 +36,28 @@ from jobs.states import JobStatus
 MAX_PAGE = 100
 
 
-def validate_spec(body: dict[str, Any], settings: Settings) -> tuple[dict[str, Any], list[str]]:
-    """Validate a spec with the library (``JobSpec.from_dict``) and the cheap pre-flight.
+MAX_MESSAGE = 1000
+"""Longest validation message or warning stored or returned (a message may quote a huge value)."""
+
+
+def _clip(text: str, limit: int = MAX_MESSAGE) -> str:
+    return text if len(text) <= limit else text[: limit - 15] + "... (truncated)"
+
+
+def validate_spec(
+    body: dict[str, Any], settings: Settings, *, allow_unknown_fields: bool = False
+) -> tuple[dict[str, Any], list[str]]:
+    """Validate a spec with the library (``JobSpec.from_dict``) and the cheap pre-flight. Touches no database:
+    callers run it before taking a connection.
+
+    Args:
+        body: the request body.
+        settings: roots and limits.
+        allow_unknown_fields: accept unknown keys with a warning instead of refusing them (``config_error``
+            naming them).
 
     Returns:
-        The canonical spec (every default filled in) and the warnings (unknown keys).
+        The canonical spec (every default filled in) and the warnings (unknown keys when allowed).
 
     Raises:
         InvalidSpec: ``code`` is the library error's type (``config_error``, ``data_error``,
@@ -54,11 +71,12 @@ def validate_spec(body: dict[str, Any], settings: Settings) -> tuple[dict[str, A
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            spec = JobSpec.from_dict(body)
-        preflight(spec, settings.roots())
+            spec = JobSpec.from_dict(body, unknown_fields="warn" if allow_unknown_fields else "error")
+        preflight(spec, settings.roots(), memory_limit=settings.worker_memory_bytes or None)
     except LoRAShearError as exc:
-        raise InvalidSpec(exc.message, field=exc.field, code=snake_case(type(exc).__name__)) from None
-    return spec.to_dict(), [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+        field = exc.field[:200] if exc.field else exc.field
+        raise InvalidSpec(_clip(exc.message), field=field, code=snake_case(type(exc).__name__)) from None
+    return spec.to_dict(), [_clip(str(w.message)) for w in caught if issubclass(w.category, UserWarning)][:50]
 
 
 def request_hash(body: dict[str, Any]) -> str:
@@ -87,11 +105,14 @@ class JobService:
 
     # ---- create ---------------------------------------------------------------------------------------------------
 
-    def create(self, body: dict[str, Any], idempotency_key: str | None = None) -> tuple[Job, bool]:
+    def create(
+        self, body: dict[str, Any], idempotency_key: str | None = None, *, allow_unknown_fields: bool = False
+    ) -> tuple[Job, bool]:
         """Validate and insert a queued job; returns ``(job, created)``.
 
         With an ``Idempotency-Key`` already used by this owner, the earlier job is returned (``created`` False) if
-        the body is the same.
+        the body is the same. No database connection is held while the spec is validated (the slow part), so a
+        burst of submissions cannot exhaust the connection pool.
 
         Raises:
             InvalidSpec: the spec is invalid (nothing is inserted).
@@ -104,7 +125,8 @@ class JobService:
             existing = self.repo.get_by_idempotency_key(self.owner, idempotency_key)
             if existing is not None:
                 return self._replay(existing, digest), False
-        spec, spec_warnings = validate_spec(body, self.settings)
+            self.session.rollback()  # end the read transaction: its connection goes back to the pool
+        spec, spec_warnings = validate_spec(body, self.settings, allow_unknown_fields=allow_unknown_fields)
         now = utcnow()
         job = Job(
             id=new_job_id(),
@@ -182,7 +204,10 @@ class JobService:
             Conflict: the job already succeeded or failed.
         """
         job = self.get(job_id)
-        if job.status == JobStatus.QUEUED.value and self.repo.cancel_queued(job_id, utcnow()):
+        # Flag first (atomic, guarded by queued/running), then move a still-queued job to cancelled. A worker's
+        # claim refuses a flagged row, so whatever the interleaving the cancel is recorded before we answer 200.
+        flagged = self.repo.request_cancel(job_id)
+        if flagged and self.repo.cancel_queued(job_id, utcnow()):
             self.repo.add_event(
                 JobEvent(
                     job_id=job_id,
@@ -195,8 +220,6 @@ class JobService:
                     time=utcnow(),
                 )
             )
-        elif job.status == JobStatus.RUNNING.value:
-            self.repo.request_cancel(job_id)
         self.repo.refresh(job)
         if job.status in (JobStatus.SUCCEEDED.value, JobStatus.FAILED.value):
             raise Conflict(f"job {job_id} already {job.status}; it cannot be cancelled", code="job_finished")

@@ -84,6 +84,28 @@ class Settings(BaseSettings):
     max_attempts: int = Field(3, description="Attempts before a job whose worker keeps dying is failed.")
     keep_work_dirs: bool = Field(False, description="Keep checkpoints after a job ends (debugging).")
     sse_poll_interval: float = Field(0.5, description="Seconds between database polls of an event stream.")
+    db_outage_tolerance: float = Field(
+        3600.0,
+        description="Seconds a worker keeps computing and retrying while the database does not answer (events are "
+        "buffered and written when it is back); the reconciler judges no heartbeat stale until it has reached the "
+        "database for STALE_AFTER seconds again.",
+    )
+    db_pool_size: int = Field(5, description="Database connections each process keeps open (PostgreSQL).")
+    db_max_overflow: int = Field(10, description="Extra connections a process may open under load (PostgreSQL).")
+    db_pool_timeout: float = Field(
+        30.0, description="Seconds a request waits for a database connection before answering 503."
+    )
+    max_body_bytes: int = Field(1 << 20, description="Largest request body accepted (413 above it).")
+    max_pending_submissions: int = Field(
+        256,
+        description="Job submissions validated or waiting at once per API process; more answer 429 with Retry-After.",
+    )
+    worker_memory_bytes: int = Field(
+        0,
+        description="Memory one worker has for a job; a job whose estimated peak exceeds it is refused at "
+        "submission (0: this machine's physical memory).",
+    )
+    retry_after: int = Field(5, description="Seconds a 429/503 answer asks the client to wait (Retry-After).")
 
     @field_validator("api_key_hashes", mode="before")
     @classmethod
@@ -103,7 +125,7 @@ class Settings(BaseSettings):
                 raise ValueError(f"API_KEY_HASHES entry {entry!r} is the hash of a placeholder key; pick a real one")
         return value
 
-    @field_validator("job_time_limit", "max_attempts")
+    @field_validator("job_time_limit", "max_attempts", "db_pool_size", "max_body_bytes", "max_pending_submissions")
     @classmethod
     def _positive(cls, value: int) -> int:
         if value < 1:

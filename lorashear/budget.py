@@ -141,6 +141,21 @@ class Quotas:
         )
 
 
+def estimate_peak_bytes(shape: ModelShape, elt_bytes: int, lora_params: int, batch: int, seq: int) -> int:
+    """Rough peak memory of training with LoRA, bytes (ALGORITHM.md section 7: estimate before starting).
+
+    Frozen weights at ``elt_bytes`` per value; LoRA weights, gradients and two AdamW moments in fp32; activations
+    kept for the backward pass (per layer about 12 hidden-sized and 4 intermediate-sized tensors per token, plus
+    attention scores) and fp32 logits with their gradient. The pre-flight (before queueing) and the load stage (on
+    the worker, with the real LoRA size and dtype) both use it.
+    """
+    tokens = batch * seq
+    per_layer = tokens * (12 * shape.hidden_size + 4 * shape.intermediate_size) * elt_bytes
+    per_layer += batch * shape.num_heads * seq * seq * elt_bytes
+    logits = tokens * shape.vocab_size * 4 * 3
+    return int(shape.total_params * elt_bytes + lora_params * 4 * 4 + shape.num_layers * per_layer + logits)
+
+
 def _protected(n: int, gamma: float) -> int:
     """Units per layer that the unprunable ratio gamma protects (at least one unit always stays)."""
     return max(1, math.ceil(gamma * n - 1e-9)) if gamma > 0 else 1

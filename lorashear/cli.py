@@ -89,7 +89,7 @@ class _Progress:
 def cmd_run(args: argparse.Namespace) -> int:
     from lorashear.pipeline import run
 
-    spec = load_spec_file(args.spec)
+    spec = load_spec_file(args.spec, unknown_fields="warn" if args.allow_unknown_fields else "error")
     out = Path(args.output) if args.output else Path("runs") / Path(args.spec).stem
     roots = Roots(
         Path(args.model_root) if args.model_root else Roots.from_env().model_root,
@@ -258,6 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--model-root", help=f"where spec model names resolve (default {BUNDLED_MODEL_ROOT})")
     r.add_argument("--data-root", help=f"where spec data names resolve (default {BUNDLED_DATA_ROOT})")
     r.add_argument("--quiet", "-q", action="store_true", help="no progress output")
+    r.add_argument(
+        "--allow-unknown-fields", action="store_true", help="warn about unknown spec fields instead of refusing them"
+    )
     r.set_defaults(func=cmd_run)
 
     docs = field_docs(StructureConfig)

@@ -23,6 +23,7 @@ import math
 import re
 import textwrap
 import warnings
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, get_args, get_origin, get_type_hints
 
@@ -35,6 +36,11 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 """Linear layers of a LLaMA-family decoder layer that may carry LoRA."""
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]*(/[A-Za-z0-9][A-Za-z0-9._\-]*)*$")
+
+
+_UNKNOWN_FIELDS: ContextVar[str] = ContextVar("lorashear_unknown_fields", default="warn")
+"""How :meth:`JobSpec.from_dict` treats keys it does not know: ``warn`` (ignored with a ``UserWarning``) or
+``error`` (``ConfigError`` naming them); set for one call by its ``unknown_fields`` argument."""
 
 
 def _fail(path: str, message: str) -> ConfigError:
@@ -111,6 +117,15 @@ class _Section:
         hints = get_type_hints(cls)
         names = {f.name for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
         kwargs: dict[str, Any] = {}
+        unknown = [str(key) for key in data if key not in names]
+        if unknown and _UNKNOWN_FIELDS.get() == "error":
+            subs = [f"{path}.{key}" if path else key for key in unknown]
+            shown = ", ".join(repr(k[:64]) for k in subs[:5]) + (f" and {len(subs) - 5} more" if len(subs) > 5 else "")
+            raise ConfigError(
+                f"unknown spec field{'s' if len(subs) > 1 else ''} {shown}; known fields here: "
+                f"{', '.join(sorted(n for n in names if not n.startswith('_')))}",
+                field=subs[0][:200],
+            )
         for key, value in data.items():
             sub = f"{path}.{key}" if path else key
             if key not in names:
@@ -611,12 +626,26 @@ class JobSpec(_Section):
             raise _fail("structures.hidden", "hidden-dimension pruning needs export.merge_lora = true")
 
     @classmethod
-    def from_dict(cls, data: Any, path: str = "") -> JobSpec:
+    def from_dict(cls, data: Any, path: str = "", *, unknown_fields: str | None = None) -> JobSpec:
         """Build and validate a spec from parsed JSON/YAML.
+
+        Args:
+            data: the parsed spec.
+            path: unused (the spec is the root).
+            unknown_fields: ``"warn"`` (default: unknown keys are ignored with a ``UserWarning``) or ``"error"``
+                (a ``ConfigError`` naming them, e.g. a typo such as ``lora.rnk``).
 
         Raises:
             ConfigError: naming the first invalid field (dotted path) and the value received.
         """
+        if unknown_fields is not None:
+            if unknown_fields not in ("warn", "error"):
+                raise ValueError(f"unknown_fields must be 'warn' or 'error', got {unknown_fields!r}")
+            token = _UNKNOWN_FIELDS.set(unknown_fields)
+            try:
+                return cls.from_dict(data, path)
+            finally:
+                _UNKNOWN_FIELDS.reset(token)
         if not isinstance(data, dict):
             raise _fail("spec", f"expected a JSON object, got {type(data).__name__}")
         if "model" not in data:
@@ -627,21 +656,22 @@ class JobSpec(_Section):
         return spec
 
     @classmethod
-    def from_json(cls, text: str) -> JobSpec:
-        """Parse JSON text. Raises ``ConfigError`` (field ``spec``) on malformed JSON."""
+    def from_json(cls, text: str, *, unknown_fields: str | None = None) -> JobSpec:
+        """Parse JSON text (``unknown_fields`` as in :meth:`from_dict`). Raises ``ConfigError`` (field ``spec``) on
+        malformed JSON."""
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
             raise _fail("spec", f"malformed JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
-        return cls.from_dict(data)
+        return cls.from_dict(data, unknown_fields=unknown_fields)
 
     def to_json(self) -> str:
         """Canonical JSON (sorted keys) of the full spec with defaults filled in."""
         return json.dumps(self.to_dict(), sort_keys=True, indent=2)
 
 
-def load_spec_file(path: str) -> JobSpec:
-    """Read a spec from a JSON or YAML file (YAML needs PyYAML).
+def load_spec_file(path: str, *, unknown_fields: str | None = None) -> JobSpec:
+    """Read a spec from a JSON or YAML file (YAML needs PyYAML); ``unknown_fields`` as in :meth:`JobSpec.from_dict`.
 
     Raises:
         ConfigError: unreadable file, malformed JSON/YAML, or an invalid field.
@@ -662,8 +692,8 @@ def load_spec_file(path: str) -> JobSpec:
             data = yaml.safe_load(text)
         except yaml.YAMLError as exc:
             raise ConfigError(f"malformed YAML in {path!r}: {exc}", field="spec") from None
-        return JobSpec.from_dict(data)
-    return JobSpec.from_json(text)
+        return JobSpec.from_dict(data, unknown_fields=unknown_fields)
+    return JobSpec.from_json(text, unknown_fields=unknown_fields)
 
 
 def field_docs(cls: type) -> dict[str, str]:

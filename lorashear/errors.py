@@ -39,6 +39,14 @@ class UnsupportedModelError(LoRAShearError, ValueError):
     user_error = True
 
 
+class ModelFileError(UnsupportedModelError):
+    """A model's files are broken or disagree with its ``config.json`` (truncated or malformed safetensors, a
+    missing tensor, a shape or vocabulary that does not match): the user's files, so a user error; the message
+    names the file and the tensor."""
+
+    user_error = True
+
+
 class TargetNotExpressibleError(LoRAShearError, ValueError):
     """The pruning target cannot be reached with the structures and constraints given (e.g. GQA divisibility)."""
 

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lorashear.budget import ModelShape
+from lorashear.budget import ModelShape, estimate_peak_bytes
 from lorashear.config import DatasetConfig, JobSpec
 from lorashear.data import RecordSet, SubDataset, TokenStream, read_records, read_text
 from lorashear.errors import ConfigError, DataError, UnsupportedModelError
@@ -71,23 +71,6 @@ class LoadedJob:
     input_dtype: torch.dtype | None
     input_bytes: int
     memory_estimate_bytes: int
-
-
-def estimate_peak_bytes(shape: ModelShape, dtype: torch.dtype, lora_params: int, batch: int, seq: int) -> int:
-    """Rough peak memory of training with LoRA, bytes.
-
-    Frozen weights in ``dtype``; LoRA weights, gradients and two AdamW moments in fp32; activations kept for the
-    backward pass (per layer about 12 hidden-sized and 4 intermediate-sized tensors per token, plus attention
-    scores) and fp32 logits with their gradient.
-    """
-    elt = torch.finfo(dtype).bits // 8
-    weights = shape.total_params * elt
-    lora = lora_params * 4 * 4
-    tokens = batch * seq
-    per_layer = tokens * (12 * shape.hidden_size + 4 * shape.intermediate_size) * elt
-    per_layer += batch * shape.num_heads * seq * seq * elt
-    logits = tokens * shape.vocab_size * 4 * 3
-    return int(weights + lora + shape.num_layers * per_layer + logits)
 
 
 def _sub(
@@ -164,7 +147,7 @@ def _check_memory(spec: JobSpec, model: nn.Module, shape: ModelShape, device: to
         (spec.recovery.batch_size, spec.recovery.seq_len),
         key=lambda bs: bs[0] * bs[1],
     )
-    need = estimate_peak_bytes(shape, dtype, lora, batch, seq)
+    need = estimate_peak_bytes(shape, torch.finfo(dtype).bits // 8, lora, batch, seq)
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
         if need > free:

@@ -16,8 +16,8 @@ from torch import nn
 
 from lorashear.budget import ModelShape
 from lorashear.config import LoRAConfig
-from lorashear.errors import AdapterMismatchError, ConfigError, UnsupportedModelError
-from lorashear.preflight import check_adapter, read_model_config
+from lorashear.errors import AdapterMismatchError, ConfigError, ModelFileError, UnsupportedModelError
+from lorashear.preflight import check_adapter, check_weights, read_model_config
 
 log = logging.getLogger(__name__)
 
@@ -69,14 +69,18 @@ def load_model(
         The model in eval mode with ``use_cache`` off in its config.
 
     Raises:
-        UnsupportedModelError: unknown architecture, no safetensors weights, or an unreadable file.
+        UnsupportedModelError: unknown architecture, no safetensors weights.
+        ModelFileError: weights that are broken or disagree with ``config.json`` (checked from the safetensors
+            headers before loading), or any other failure to load them: a user error naming the file.
     """
     from transformers import AutoModelForCausalLM
 
     _quiet_transformers()
     path = Path(path)
     cfg = read_model_config(path)
-    ModelShape.from_config(cfg)  # raises for unsupported architectures before any weight is read
+    shape = ModelShape.from_config(cfg)  # raises for unsupported architectures before any weight is read
+    if path.suffix != ".gguf":
+        check_weights(path, shape)  # headers only: names, shapes, dtypes and file lengths against config.json
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": False}
     if path.suffix == ".gguf":
         from transformers import AutoConfig
@@ -98,8 +102,11 @@ def load_model(
         src = path
     try:
         model: Any = AutoModelForCausalLM.from_pretrained(str(src), **kwargs)
-    except (OSError, ValueError, KeyError) as exc:
-        raise UnsupportedModelError(f"cannot load {path.name}: {exc}", field="model") from None
+    except (MemoryError, torch.OutOfMemoryError):
+        raise  # the machine's limit, not the user's files
+    except Exception as exc:  # safetensors, transformers and torch raise many types for a broken file
+        detail = str(exc).replace(str(path.parent), "").strip()[:300]
+        raise ModelFileError(f"cannot load model {path.name}: {type(exc).__name__}: {detail}", field="model") from None
     if path.suffix == ".gguf":
         # transformers dequantises GGUF weights to ``dtype`` but keeps the quantizer attached, which makes
         # save_pretrained refuse the (plain float) model; the pruned export is an ordinary float checkpoint

@@ -151,3 +151,13 @@ def test_cli_skips_a_plugin_whose_dependencies_are_missing(monkeypatch: pytest.M
     parser = cli.build_parser()
     assert "serve" not in parser._subparsers._group_actions[0].choices  # type: ignore[union-attr]
     assert parser.parse_args(["spec"]).command == "spec"
+
+
+def test_cli_refuses_a_typo_in_a_spec(tmp_path: Path) -> None:
+    """Issue 7, item 10: ``{"lora": {"rnk": 4}}`` ran a job with the default rank; the CLI now refuses it."""
+    spec = tmp_path / "typo.json"
+    spec.write_text(json.dumps({"model": "stories260K", "lora": {"rnk": 4}}))
+    cmd = [sys.executable, "-m", "lorashear.cli", "run", str(spec), "-o", str(tmp_path / "out")]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "lora.rnk" in out.stderr
+    assert not (tmp_path / "out").exists()

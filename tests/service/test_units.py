@@ -229,3 +229,27 @@ def test_embedded_shutdown_requeues_and_resumes(settings: Settings) -> None:
     assert any("resumed" in e.message for e in events if e.attempt == 2)
     steps = [e.step for e in events if e.attempt == 2 and e.stage == "prune" and e.kind == "progress"]
     assert steps and min(steps) > 1
+
+
+def test_reconciler_names_the_lost_worker_and_waits_after_a_database_outage(settings: Settings) -> None:
+    """Issue 7 items 3 and 11: the event names the worker (not ``None``); right after an outage the reconciler
+    judges no heartbeat stale, so a live worker that could not heartbeat keeps its attempt."""
+    from jobs.reconcile import OutageGuard
+
+    job_id = _new_job(settings)
+    sessions = database(settings).sessions
+    with session_scope(sessions) as s:
+        now = utcnow()
+        assert JobRepository(s).claim(job_id, "host:1:abc", now, now)
+        s.get(Job, job_id).heartbeat_at = now - timedelta(seconds=60)  # type: ignore[union-attr]
+    clock = [1000.0]
+    guard = OutageGuard(settings.stale_after, clock=lambda: clock[0])
+    guard.failed()  # the database was just unreachable
+    report = guard.run(settings, RecordingDispatcher())
+    assert report is not None and report.requeued == []
+    clock[0] += settings.stale_after
+    report = guard.run(settings, RecordingDispatcher())
+    assert report is not None and report.requeued == [job_id]
+    with session_scope(sessions) as s:
+        messages = [e.message for e in s.query(JobEvent).filter_by(job_id=job_id)]
+    assert any(m.startswith("worker host:1:abc lost") for m in messages), messages
