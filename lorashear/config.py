@@ -326,13 +326,20 @@ class LHSPGConfig(_Section):
     """hsp mode: upper bound of lambda."""
     fold_lora_each_period: bool = False
     """At each period end, fold s*B*A of kept groups into W and reset B (keeps the LoRA small)."""
+    importance: str = "lora_saliency"
+    """How a period picks the groups to remove (lowest first): ``lora_saliency``, the paper code's five criteria on
+    ``W`` and ``s B A`` (weights in ``criteria``); or ``taylor``, the first-order Taylor importance of each group's
+    output, ``|sum <dL/da_g, a_g>|``, accumulated over every LHSPG step so far from the backward pass that trains the
+    LoRA anyway (ALGORITHM.md section 3; issue 9)."""
     criteria: dict[str, float] = field(default_factory=lambda: {c: 0.2 for c in CRITERIA})
-    """Saliency criteria and weights; each criterion is normalised by its L2 norm over groups before weighting."""
+    """Saliency criteria and weights of ``lora_saliency``; each criterion is normalised by its L2 norm over groups
+    before weighting."""
     max_grad_norm: float = 1.0
     """Gradient clipping of the LoRA weights (L2 norm)."""
 
     def validate(self, path: str) -> None:
         _check_choice(f"{path}.mode", self.mode, ("decay", "hsp"))
+        _check_choice(f"{path}.importance", self.importance, ("lora_saliency", "taylor"))
         _check_int(f"{path}.warmup_steps", self.warmup_steps, 0, MAX_STEPS)
         _check_int(f"{path}.periods", self.periods, 1, 10_000)
         _check_int(f"{path}.period_steps", self.period_steps, 1, MAX_STEPS)

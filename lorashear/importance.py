@@ -16,7 +16,8 @@ lowest-scoring groups are removed first (Torch-Pruning's ``Importance`` is the m
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import contextlib
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
@@ -171,11 +172,13 @@ class TaylorImportance:
     is the sum of the per-batch absolute values.
     """
 
-    def __init__(self, model: nn.Module, structures: Structures) -> None:
+    def __init__(self, model: nn.Module, structures: Structures, keys: Collection[str] | None = None) -> None:
+        """Score the sets of ``structures`` (only those whose key is in ``keys``, when given)."""
         self.structures = structures
+        self.sets = [s for s in structures.sets if keys is None or s.key in keys]
         mods = dict(model.named_modules())
         self.consumers: dict[str, nn.Module] = {}
-        for s in structures.sets:
+        for s in self.sets:
             for sl in s.slices:
                 if sl.role == "consumer" and sl.lora is None and not sl.param.endswith(".bias") and sl.dim == 1:
                     self.consumers[sl.param] = mods[sl.param.rsplit(".", 1)[0]]
@@ -188,6 +191,16 @@ class TaylorImportance:
         Returns:
             The loss (detached). The caller zeroes the gradients it does not want.
         """
+        with self.recording(), torch.enable_grad():
+            loss = loss_fn()
+            loss.backward()
+        return loss.detach()
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[None]:
+        """Record the consumer inputs of every forward pass inside the block; on exit, after the caller's
+        ``backward()``, add ``|sum_tokens grad * activation|`` of each channel (LHSPG records its training steps
+        this way, so the importance costs no extra forward or backward pass)."""
         acts: dict[str, torch.Tensor] = {}
 
         def make(name: str) -> Callable[..., None]:
@@ -203,9 +216,7 @@ class TaylorImportance:
         emb = cast(Any, self.model).get_input_embeddings()
         hooks.append(emb.register_forward_hook(lambda _m, _a, out: out.requires_grad_(True)))
         try:
-            with torch.enable_grad():
-                loss = loss_fn()
-                loss.backward()
+            yield
         finally:
             for h in hooks:
                 h.remove()
@@ -214,11 +225,18 @@ class TaylorImportance:
                 continue
             contrib = (a.grad.float() * a.detach().float()).sum(dim=tuple(range(a.dim() - 1)))  # (in,)
             self.sums[name] = self.sums.get(name, 0) + contrib.abs().cpu().double()
-        return loss.detach()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The accumulated per-channel sums, ``{consumer weight name: (in,)}`` (for checkpoints)."""
+        return dict(self.sums)
+
+    def load_state_dict(self, sums: dict[str, torch.Tensor]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        self.sums = {k: v.double() for k, v in sums.items()}
 
     def scores(self) -> dict[str, torch.Tensor]:
         """``{set key: (G,) scores}`` accumulated so far."""
-        return {s.key: self(s) for s in self.structures.sets}
+        return {s.key: self(s) for s in self.sets}
 
     def __call__(self, sset: StructureSet) -> torch.Tensor:
         sc = torch.zeros(sset.n_groups, dtype=torch.float64)

@@ -35,7 +35,7 @@ from torch import nn
 from lorashear.config import LHSPGConfig
 from lorashear.errors import ExactnessError
 from lorashear.graph import Structures, StructureSet
-from lorashear.importance import LoRASaliency, group_sq_norms, lora_refs
+from lorashear.importance import Importance, LoRASaliency, group_sq_norms, lora_refs
 from lorashear.training import clip_gradients
 
 
@@ -52,13 +52,20 @@ class LHSPG:
         structures: discovery result (with ``protected`` filled in by the analysis).
         quotas: ``{set key: {cluster id: groups to remove}}``.
         cfg: schedule, mode and AdamW settings.
+        importance: scores groups at each period start, lowest removed first (default: the paper code's
+            :class:`~lorashear.importance.LoRASaliency` with ``cfg.criteria``).
 
     Raises:
         ValueError: a quota larger than the cluster's unprotected groups.
     """
 
     def __init__(
-        self, model: nn.Module, structures: Structures, quotas: dict[str, dict[int, int]], cfg: LHSPGConfig
+        self,
+        model: nn.Module,
+        structures: Structures,
+        quotas: dict[str, dict[int, int]],
+        cfg: LHSPGConfig,
+        importance: Importance | None = None,
     ) -> None:
         self.model = model
         self.cfg = cfg
@@ -66,7 +73,7 @@ class LHSPG:
         self.quotas = quotas
         self.params = dict(model.named_parameters(remove_duplicate=False))
         self.refs = lora_refs(model)
-        self.saliency = LoRASaliency(model, cfg.criteria)
+        self.importance: Importance = importance or LoRASaliency(model, cfg.criteria)
         self.lora_params = [p for n, p in model.named_parameters() if p.requires_grad]
         self.inner = torch.optim.AdamW(self.lora_params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.step_count = 0
@@ -145,7 +152,7 @@ class LHSPG:
             want = {cid: spread(k, self.cfg.periods)[period] for cid, k in q.items()}
             if not any(want.values()):
                 continue
-            score = self.saliency(s)
+            score = self.importance(s)
             chosen: list[int] = []
             for cid, k in want.items():
                 if k == 0:

@@ -8,6 +8,7 @@ optimizer moments, group sets and schedule (the caller restores the weights and 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -21,6 +22,7 @@ from lorashear.config import LHSPGConfig
 from lorashear.errors import ExactnessError
 from lorashear.events import Hooks, LoopState
 from lorashear.graph import Structures
+from lorashear.importance import TaylorImportance
 from lorashear.optim.lhspg import LHSPG
 from lorashear.training import train_loss
 
@@ -82,9 +84,11 @@ class PruneResult:
         }
 
 
-def _snapshot(opt: LHSPG, losses: list[float]) -> LoopState:
+def _snapshot(opt: LHSPG, losses: list[float], taylor: TaylorImportance | None) -> LoopState:
     state = opt.state_dict()
     tensors, inner = ckpt.flatten_optimizer("opt", state.pop("inner"))
+    if taylor is not None:
+        tensors.update({f"taylor.{k}": v for k, v in taylor.state_dict().items()})
     return LoopState(STAGE, {"lhspg": state, "inner": inner, "losses": list(losses)}, tensors)
 
 
@@ -118,23 +122,27 @@ def prune(
         Cancelled: ``hooks.should_cancel`` returned True (a checkpoint was saved first).
     """
     hooks = hooks or Hooks()
-    opt = LHSPG(model, structures, quotas, cfg)
+    taylor = TaylorImportance(model, structures, keys=quotas) if cfg.importance == "taylor" else None
+    opt = LHSPG(model, structures, quotas, cfg, importance=taylor)
     losses: list[float] = []
     if resume is not None:
         inner = ckpt.unflatten_optimizer("opt", resume.tensors, resume.meta["inner"])
         opt.load_state_dict({**resume.meta["lhspg"], "inner": inner})
         losses = list(resume.meta["losses"])
+        if taylor is not None:
+            taylor.load_state_dict({k[7:]: v for k, v in resume.tensors.items() if k.startswith("taylor.")})
     total = cfg.total_steps
     if opt.step_count == 0:
         hooks.emit(STAGE, "stage_start", 0, total, f"LHSPG ({cfg.mode}) for {total} steps")
 
     def snap() -> LoopState:
-        return _snapshot(opt, losses)
+        return _snapshot(opt, losses, taylor)
 
     while opt.step_count < total:
         hooks.cancel_point(STAGE, snap)
         step = opt.step_count
-        loss = train_loss(model, sample(), stage=STAGE, step=step)
+        with taylor.recording() if taylor is not None else contextlib.nullcontext():
+            loss = train_loss(model, sample(), stage=STAGE, step=step)
         info = opt.step()
         model.zero_grad(set_to_none=True)
         losses.append(loss)

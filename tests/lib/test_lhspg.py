@@ -124,3 +124,47 @@ def test_state_dict_round_trip_continues_identically() -> None:
     for (n, a), (_, b) in zip(model_a.named_parameters(), model_b.named_parameters(), strict=False):
         assert torch.equal(a, b), n
     assert opt_a.removed() == opt_b.removed()
+
+
+def test_taylor_importance_prunes_exactly_and_resumes_to_the_same_weights() -> None:
+    """``lhspg.importance: taylor`` (issue 9): exact counts, removed groups zero, and a cancel mid-period resumes
+    (optimizer moments, group sets and the accumulated Taylor sums in the loop state) to the same weights."""
+    from lorashear.errors import Cancelled
+    from lorashear.events import Hooks
+    from lorashear.optim import prune
+
+    case = Case("llama-gqa2", "llama", 4, 2)
+    cfg = LHSPGConfig(importance="taylor", warmup_steps=2, periods=2, period_steps=3, lr=1e-2)
+
+    def fresh():
+        model = attach_lora(build_model(case), LoRAConfig(rank=4))
+        st = discover(model)
+        quotas = {
+            s.key: {0: 1 if s.kind == "kv_group" else 6} for s in st.sets if s.kind in ("kv_group", "mlp_channel")
+        }
+        gen = torch.Generator().manual_seed(0)
+        return (
+            model,
+            st,
+            quotas,
+            lambda: {"input_ids": (x := torch.randint(3, 512, (2, 16), generator=gen)), "labels": x},
+        )
+
+    model, st, quotas, sample = fresh()
+    ref = prune(model, st, quotas, cfg, sample)
+    assert {k: len(v) for k, v in ref.removed.items()} == {k: sum(q.values()) for k, q in quotas.items()}
+    saved = []
+    steps = {"n": 0}
+
+    def on_event(e) -> None:
+        steps["n"] = e.step
+
+    model2, st2, quotas2, sample2 = fresh()
+    hooks = Hooks(on_event, lambda: steps["n"] >= 4, saved.append)
+    with pytest.raises(Cancelled):
+        prune(model2, st2, quotas2, cfg, sample2, hooks=hooks)
+    assert saved and any(k.startswith("taylor.") for k in saved[-1].tensors)
+    again = prune(model2, st2, quotas2, cfg, sample2, resume=saved[-1])
+    assert again.removed == ref.removed and again.losses == ref.losses
+    for (n, a), (_, b) in zip(model.named_parameters(), model2.named_parameters(), strict=True):
+        assert torch.equal(a, b), n
