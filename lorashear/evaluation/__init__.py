@@ -1,93 +1,31 @@
-"""Perplexity with a stated protocol (ALGORITHM.md section 6)."""
+"""Evaluation with stated protocols (ALGORITHM.md section 6): perplexity, zero-shot accuracy through lm-eval, and
+measured generation speed.
+
+Importing this package is cheap (no torch): the pre-flight checks import :mod:`lorashear.evaluation.tasks` where
+torch cannot be imported. Torch-backed names load on first access.
+"""
 
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass
+import importlib
 from typing import Any
 
-import torch
-from torch import nn
+_LAZY = {
+    "Perplexity": "lorashear.evaluation.ppl",
+    "perplexity": "lorashear.evaluation.ppl",
+    "ZeroShotResult": "lorashear.evaluation.zeroshot",
+    "run_zeroshot": "lorashear.evaluation.zeroshot",
+    "SpeedResult": "lorashear.evaluation.speed",
+    "measure_speed": "lorashear.evaluation.speed",
+    "ideal_speedup": "lorashear.evaluation.speed",
+    "compare_speed": "lorashear.evaluation.speed",
+    "check_tasks": "lorashear.evaluation.tasks",
+}
 
-from lorashear.data import TokenStream
-
-
-@dataclass
-class Perplexity:
-    """A perplexity and the protocol that produced it.
-
-    Attributes:
-        perplexity: exp(mean negative log-likelihood per scored token).
-        nll: mean negative log-likelihood, nats per token.
-        window: tokens per window; stride: tokens between window starts; windows: windows evaluated;
-        tokens: tokens scored (each window scores all positions after its first, or the last ``stride`` when
-        windows overlap).
-    """
-
-    perplexity: float
-    nll: float
-    window: int
-    stride: int
-    windows: int
-    tokens: int
-    dataset: str = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict."""
-        return asdict(self)
+__all__ = list(_LAZY)
 
 
-@torch.no_grad()
-def perplexity(
-    model: nn.Module,
-    stream: TokenStream,
-    *,
-    window: int = 128,
-    stride: int | None = None,
-    max_windows: int | None = None,
-    batch_size: int = 8,
-    dataset: str = "",
-) -> Perplexity:
-    """Sliding-window perplexity of ``model`` on a token stream.
-
-    Non-overlapping (``stride == window``): every window is scored on all its positions but the first. With
-    ``stride < window``, windows after the first score only their last ``stride`` tokens (context carried over),
-    the Hugging Face recipe.
-
-    Raises:
-        ValueError: the text holds fewer than ``window`` tokens.
-    """
-    if window < 2 or (stride is not None and not 1 <= stride <= window) or batch_size < 1:
-        raise ValueError(
-            f"need window >= 2, 1 <= stride <= window, batch_size >= 1 (got {window}, {stride}, {batch_size})"
-        )
-    stride = stride or window
-    ids = stream.ids
-    n = ids.numel()
-    if n < window:
-        raise ValueError(f"evaluation text holds {n} tokens, fewer than window={window}")
-    starts = list(range(0, n - window + 1, stride))
-    if max_windows is not None:
-        starts = starts[:max_windows]
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    total_nll = 0.0
-    total_tok = 0
-    for b in range(0, len(starts), batch_size):
-        chunk = starts[b : b + batch_size]
-        x = torch.stack([ids[s : s + window] for s in chunk]).to(device)  # (B, window)
-        labels = x.clone()
-        for j, s in enumerate(chunk):
-            if s > 0 and stride < window:
-                labels[j, : window - stride] = -100
-        logits = model(input_ids=x, use_cache=False).logits.float()  # (B, window, vocab)
-        lp = torch.log_softmax(logits[:, :-1], dim=-1)
-        tgt = labels[:, 1:]
-        valid = tgt != -100
-        tok_lp = lp.gather(-1, tgt.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        total_nll -= float((tok_lp * valid).sum())
-        total_tok += int(valid.sum())
-    model.train(was_training)
-    nll = total_nll / max(total_tok, 1)
-    return Perplexity(math.exp(nll), nll, window, stride, len(starts), total_tok, dataset)
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'lorashear.evaluation' has no attribute {name!r}")
