@@ -152,11 +152,27 @@ def _safetensors_header(path: Path, field: str) -> dict[str, Any]:
     return header
 
 
+def check_zeroshot(spec: JobSpec, roots: Roots) -> None:
+    """Check the zero-shot tasks of a spec: known names, files present under the data root, the first lines of each
+    in the task's layout (a few lines read per file).
+
+    Raises:
+        ConfigError: an unknown task name (``evaluation.zeroshot.tasks[i]``) or an invalid file name.
+        DataError: a missing, empty or malformed task file (``evaluation.zeroshot.task_dir`` or
+            ``evaluation.zeroshot.files.<task>``).
+    """
+    from lorashear.evaluation.tasks import check_tasks
+
+    if spec.evaluation.zeroshot.enabled:
+        check_tasks(spec.evaluation.zeroshot, roots.data_root)
+
+
 def preflight(spec: JobSpec, roots: Roots) -> PreflightResult:
     """Run every cheap check of ``spec`` against the roots.
 
     Raises:
-        ConfigError, DataError: a name that does not resolve (``field`` names it).
+        ConfigError, DataError: a name that does not resolve, an unknown zero-shot task, a task file missing or in
+            the wrong layout (``field`` names it).
         UnsupportedModelError: unreadable config or unsupported architecture.
         AdapterMismatchError: an adapter that does not fit the model.
         TargetNotExpressibleError: a target the budget cannot reach.
@@ -178,5 +194,6 @@ def preflight(spec: JobSpec, roots: Roots) -> PreflightResult:
             roots.data(ds.train, f"data.{key}[{i}].train")
             if ds.validation is not None:
                 roots.data(ds.validation, f"data.{key}[{i}].validation")
+    check_zeroshot(spec, roots)
     quotas = plan_quotas(shape, spec.target_ratio, spec.structures, spec.analysis.gamma)
     return PreflightResult(model_path, shape, quotas)
