@@ -249,3 +249,83 @@ def test_cli_eval_prints_tasks_and_speed(capsys) -> None:
     assert "PIQA" in text and "WinoGrande" in text and "decode" in text and "lm-eval 0.4." in text
     assert main(["eval", "stories260K"]) == 2  # nothing asked for
     assert "nothing to do" in capsys.readouterr().err
+
+
+def _stock_doc(task: str, row: dict) -> dict:
+    """The Hugging Face dataset row that lm-eval's stock task reads, rebuilt from an llm-foundry line."""
+    labels = list("ABCDE")
+    if task in ("arc_easy", "openbookqa"):
+        key = {"text": row["choices"], "label": labels[: len(row["choices"])]}
+        if task == "arc_easy":
+            return {
+                "question": row["query"].removeprefix("Question: "),
+                "choices": key,
+                "answerKey": labels[row["gold"]],
+            }
+        return {"question_stem": row["query"], "choices": key, "answerKey": labels[row["gold"]]}
+    if task == "piqa":
+        goal = row["query"].removeprefix("Question: ").rstrip("\n")
+        return {"goal": goal, "sol1": row["choices"][0], "sol2": row["choices"][1], "label": row["gold"]}
+    if task == "boolq":
+        passage, question = row["query"].removeprefix("Passage: ").split("\nQuestion: ", 1)
+        return {"passage": passage, "question": question.removesuffix("?"), "label": row["gold"]}
+    assert task == "winogrande"
+    a, b = row["context_options"]
+    n = next(i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y)
+    return {
+        "sentence": a[:n] + "_ " + row["continuation"],
+        "option1": a[n:],
+        "option2": b[n:],
+        "answer": str(row["gold"] + 1),
+    }
+
+
+STOCK_YAML = {
+    "arc_easy": "arc/arc_easy.yaml",
+    "boolq": "super_glue/boolq/default.yaml",
+    "openbookqa": "openbookqa/openbookqa.yaml",
+    "piqa": "piqa/piqa.yaml",
+    "winogrande": "winogrande/default.yaml",
+}
+
+
+@pytest.mark.parametrize("task", sorted(STOCK_YAML))
+def test_requests_are_those_of_the_stock_lm_eval_task(task) -> None:
+    """The shipped YAML over the llm-foundry file builds exactly the (context, continuation) pairs that lm-eval's
+    stock task of the same name builds from the original dataset row (prompt, choices, target delimiter)."""
+    import ast
+
+    import lm_eval.tasks
+    from lm_eval.tasks._yaml_loader import load_yaml
+    from lm_eval.utils import apply_template
+
+    from lorashear.evaluation.zeroshot import task_config, task_manager
+
+    rows = _rows(TASKS[task].file)[:5]
+    ours = task_manager().load([task_config(task, docs=rows)])["tasks"][TASKS[task].lm_eval_name]
+    ours.build_all_requests(limit=5, rank=0, world_size=1)
+    got: dict[int, list[tuple[str, str]]] = {}
+    for inst in ours.instances:
+        got.setdefault(inst.doc_id, []).append(tuple(inst.arguments))
+
+    stock = load_yaml(Path(lm_eval.tasks.__file__).parent / STOCK_YAML[task], resolve_func=True)
+
+    def render(key: str, doc: dict):
+        value = stock[key]
+        if callable(value):
+            return value(doc)
+        if isinstance(value, list):
+            return value
+        if value in doc:
+            return doc[value]
+        text = apply_template(value, doc)
+        return ast.literal_eval(text) if key == "doc_to_choice" else text
+
+    for i, row in enumerate(rows):
+        doc = _stock_doc(task, row)
+        ctx, choices = render("doc_to_text", doc), render("doc_to_choice", doc)
+        if isinstance(ctx, int):  # WinoGrande: one context per option, the same continuation
+            want = [(c, " " + render("doc_to_target", doc)) for c in choices]
+        else:
+            want = [(ctx, " " + c) for c in choices]
+        assert got[i] == want, (task, i)
