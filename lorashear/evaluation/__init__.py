@@ -15,10 +15,16 @@ _LAZY = {
     "perplexity": "lorashear.evaluation.ppl",
     "ZeroShotResult": "lorashear.evaluation.zeroshot",
     "run_zeroshot": "lorashear.evaluation.zeroshot",
+    "zeroshot_section": "lorashear.evaluation.zeroshot",
+    "zeroshot_metrics": "lorashear.evaluation.zeroshot",
     "SpeedResult": "lorashear.evaluation.speed",
     "measure_speed": "lorashear.evaluation.speed",
     "ideal_speedup": "lorashear.evaluation.speed",
     "compare_speed": "lorashear.evaluation.speed",
+    "speed_section": "lorashear.evaluation.speed",
+    "speed_metrics": "lorashear.evaluation.speed",
+    "zeroshot_table": "lorashear.evaluation.tables",
+    "speed_table": "lorashear.evaluation.tables",
     "check_tasks": "lorashear.evaluation.tasks",
 }
 

@@ -301,3 +301,27 @@ def compare_speed(dense: SpeedResult, final: SpeedResult) -> dict[str, Any]:
             }
         rows.append(row)
     return {"ideal": ideal, "param_ratio": final.params / max(dense.params, 1), "rows": rows}
+
+
+def speed_section(dense: SpeedResult, final: SpeedResult) -> dict[str, Any]:
+    """The ``speed`` section of a report: ``{"dense", "final", "comparison": compare_speed(dense, final),
+    "protocol"}``.
+
+    Raises:
+        ValueError: the two results were measured with different lengths.
+    """
+    return {
+        "dense": dense.to_dict(),
+        "final": final.to_dict(),
+        "comparison": compare_speed(dense, final),
+        "protocol": dict(final.protocol),
+    }
+
+
+def speed_metrics(result: SpeedResult, prefix: str) -> dict[str, float]:
+    """Flat metrics for events and metric series, e.g. ``{"speed/final/b1/decode_tokens_per_s": 812.0, ...}``."""
+    out: dict[str, float] = {}
+    for r in result.rows:
+        out[f"{prefix}/b{r.batch}/prefill_tokens_per_s"] = r.prefill_tokens_per_s
+        out[f"{prefix}/b{r.batch}/decode_tokens_per_s"] = r.decode_tokens_per_s
+    return out

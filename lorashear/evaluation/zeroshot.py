@@ -298,3 +298,45 @@ def run_zeroshot(
         "seconds": round(time.perf_counter() - t0, 3),
     }
     return ZeroShotResult(scores, avg, avg_acc, avg5, protocol)
+
+
+_SAME = ("lm_eval_version", "num_fewshot", "limit", "batch_size", "tasks")
+
+
+def zeroshot_section(dense: ZeroShotResult, final: ZeroShotResult) -> dict[str, Any]:
+    """The ``zeroshot`` section of a report: both models, the per-task change and the shared protocol.
+
+    Returns:
+        ``{"dense": ZeroShotResult dict, "final": ..., "delta": {task: final score - dense score}, "avg_delta",
+        "protocol": the settings both were scored with}``; scores are the tasks' headline metrics, fractions 0-1.
+
+    Raises:
+        ValueError: the two results were not produced with the same settings (tasks, files, limit, batch size,
+            lm-eval version).
+    """
+    for key in _SAME:
+        if dense.protocol.get(key) != final.protocol.get(key):
+            raise ValueError(f"dense and final zero-shot results differ in {key}; score both with the same settings")
+    delta = {t: final.tasks[t].score - dense.tasks[t].score for t in dense.tasks if t in final.tasks}
+    return {
+        "dense": dense.to_dict(),
+        "final": final.to_dict(),
+        "delta": delta,
+        "avg_delta": final.avg - dense.avg,
+        "protocol": {k: final.protocol[k] for k in final.protocol if k != "seconds"},
+    }
+
+
+def zeroshot_metrics(result: ZeroShotResult, prefix: str) -> dict[str, float]:
+    """Flat metrics for events and metric series, e.g. ``{"zeroshot/final/piqa/acc": 0.61, ...,
+    "zeroshot/final/avg": 0.45}`` with ``prefix="zeroshot/final"`` (fractions 0-1; ``acc_norm`` where reported)."""
+    out: dict[str, float] = {}
+    for t, s in result.tasks.items():
+        out[f"{prefix}/{t}/acc"] = s.acc
+        if s.acc_norm is not None:
+            out[f"{prefix}/{t}/acc_norm"] = s.acc_norm
+    out[f"{prefix}/avg"] = result.avg
+    out[f"{prefix}/avg_acc"] = result.avg_acc
+    if result.avg5 is not None:
+        out[f"{prefix}/avg5"] = result.avg5
+    return out

@@ -12,7 +12,14 @@ import torch
 
 from lorashear.config import SpeedConfig
 from lorashear.errors import ConfigError
-from lorashear.evaluation.speed import compare_speed, count_params, forward_flops_per_token, measure_speed
+from lorashear.evaluation.speed import (
+    compare_speed,
+    count_params,
+    forward_flops_per_token,
+    measure_speed,
+    speed_metrics,
+    speed_section,
+)
 from lorashear.evaluation.tables import speed_table, zeroshot_table
 
 from .conftest import CASES, STORIES, build_model
@@ -95,6 +102,12 @@ def test_compare_speed_against_the_ideal() -> None:
             assert c["speedup"] == pytest.approx(c["final_tokens_per_s"] / c["dense_tokens_per_s"])
             assert c["of_ideal"] == pytest.approx(c["speedup"] / c["ideal_speedup"])
             assert c["gain_reached"] == pytest.approx((c["speedup"] - 1) / (c["ideal_speedup"] - 1))
+    section = speed_section(d, f)
+    assert section["comparison"] == table and section["protocol"]["prompt_len"] == 12
+    json.dumps(section)
+    assert set(speed_metrics(f, "speed/final")) == {
+        f"speed/final/b{b}/{k}_tokens_per_s" for b in (1, 3) for k in ("prefill", "decode")
+    }
     text = speed_table({"dense": d.to_dict(), "final": f.to_dict()}, table)
     assert "prefill" in text and "decode" in text and "ideal speedup from counts" in text
     other = measure_speed(final, cfg=SpeedConfig(prompt_len=8, new_tokens=3, batch_sizes=[1], repeats=1))

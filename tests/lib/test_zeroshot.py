@@ -95,7 +95,7 @@ def test_equals_stock_hflm_on_the_bundled_model(stories, tmp_path, monkeypatch) 
 def test_peft_wrapped_model_scores_like_the_plain_model(stories) -> None:
     """HFLM takes the PEFT model of a running job; a fresh LoRA (B = 0) changes nothing; the mode is restored."""
     from lorashear.config import LoRAConfig
-    from lorashear.evaluation.zeroshot import run_zeroshot
+    from lorashear.evaluation.zeroshot import run_zeroshot, zeroshot_metrics, zeroshot_section
     from lorashear.modeling import attach_lora, load_model
 
     cfg = ZeroShotConfig(tasks=["piqa", "openbookqa"], limit=8, batch_size=4)
@@ -110,6 +110,16 @@ def test_peft_wrapped_model_scores_like_the_plain_model(stories) -> None:
     assert seen == [(1, 2, "piqa"), (2, 2, "openbookqa")]
     for t in cfg.tasks:
         assert wrapped.tasks[t].acc == plain.tasks[t].acc and wrapped.tasks[t].acc_norm == plain.tasks[t].acc_norm
+
+    section = zeroshot_section(plain, wrapped)  # the report's shape: dense, final, delta, shared protocol
+    assert section["delta"] == {"piqa": 0.0, "openbookqa": 0.0} and section["avg_delta"] == 0.0
+    assert section["protocol"]["limit"] == 8 and "seconds" not in section["protocol"]
+    json.dumps(section)
+    metrics = zeroshot_metrics(wrapped, "zeroshot/final")
+    assert metrics["zeroshot/final/piqa/acc"] == wrapped.tasks["piqa"].acc and "zeroshot/final/avg" in metrics
+    other = run_zeroshot(stories[0], stories[1], ZeroShotConfig(tasks=["piqa"], limit=2), data_root=BUNDLED_DATA_ROOT)
+    with pytest.raises(ValueError, match="same settings"):
+        zeroshot_section(plain, other)
 
 
 def test_task_definitions_read_the_full_file_layout(stories, tmp_path) -> None:
