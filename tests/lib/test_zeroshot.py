@@ -339,3 +339,19 @@ def test_requests_are_those_of_the_stock_lm_eval_task(task) -> None:
         else:
             want = [(ctx, " " + c) for c in choices]
         assert got[i] == want, (task, i)
+
+
+def test_cli_eval_on_a_saved_model_directory_and_a_task_dir(tmp_path, capsys) -> None:
+    """A job's ``model/`` output is a Hugging Face directory with narrower widths than any stock config."""
+    from lorashear.cli import main
+
+    from .conftest import CASES, save_model
+
+    model_dir = save_model(CASES[1], tmp_path / "job", "model")
+    _write(tmp_path / "tasks" / "arc_challenge.jsonl", _rows("arc_challenge.jsonl")[:6])
+    argv = ["eval", str(model_dir), "--tasks", "arc_challenge", "--task-dir", str(tmp_path / "tasks"), "--json"]
+    assert main([*argv, "--threads", "1"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    row = out["zeroshot"]["tasks"]["arc_challenge"]
+    assert row["n"] == 6
+    assert out["zeroshot"]["protocol"]["tasks"]["arc_challenge"]["file"] == "tasks/arc_challenge.jsonl"
