@@ -16,6 +16,7 @@ batch sizes is limited by reading the weights, so the parameter ratio is reporte
 from __future__ import annotations
 
 import inspect
+import os
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -68,7 +69,8 @@ class SpeedResult:
         flops_prefill: forward FLOPs per token at the prefill's mean context ``(prompt_len + 1) / 2``.
         flops_decode: forward FLOPs per token at the decode's mean context ``prompt_len + (new_tokens + 1) / 2``.
         protocol: prompt_len, new_tokens, batch sizes, warmup, repeats, statistic (median), timer, input ids (seeded
-            uniform), cache, dtype, device, torch threads, torch version.
+            uniform), cache, dtype, device, torch threads, CPU count, the 1-minute load average before and after
+            (other work on the machine makes timings incomparable), torch version.
     """
 
     rows: list[SpeedRow]
@@ -139,6 +141,15 @@ def _context_limit(model: nn.Module) -> int | None:
     return int(value) if isinstance(value, int) else None
 
 
+def _load_average() -> float | None:
+    """The 1-minute load average of the machine (``None`` where the OS has none): timings taken while other
+    processes compete for the cores are not comparable, and CPU threads then wait on each other."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):  # pragma: no cover - Windows
+        return None
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -195,6 +206,7 @@ def measure_speed(model: nn.Module, *, cfg: SpeedConfig, vocab_size: int | None 
         ConfigError: ``prompt_len + new_tokens`` exceeds the model's context (``field``
             ``evaluation.speed.prompt_len``).
     """
+    load_before = _load_average()
     limit = _context_limit(model)
     if limit is not None and cfg.prompt_len + cfg.new_tokens > limit:
         raise ConfigError(
@@ -242,6 +254,8 @@ def measure_speed(model: nn.Module, *, cfg: SpeedConfig, vocab_size: int | None 
         "dtype": str(param.dtype).replace("torch.", ""),
         "device": str(device),
         "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "load_average_1m": [load_before, _load_average()],
         "torch_version": torch.__version__,
     }
     return SpeedResult(

@@ -78,7 +78,7 @@ def speed_table(columns: dict[str, dict[str, Any]], comparison: dict[str, Any] |
     lines.append(
         f"prompt {p.get('prompt_len')} + {p.get('new_tokens')} new tokens, greedy with KV cache, median of "
         f"{p.get('repeats')} after {p.get('warmup')} warm-up, {p.get('dtype')} on {p.get('device')}, "
-        f"{p.get('threads')} threads"
+        f"{p.get('threads')} threads, load average {p.get('load_average_1m')}"
     )
     if comparison:
         ideal = comparison["ideal"]

@@ -65,6 +65,7 @@ def test_measure_speed_on_the_bundled_model() -> None:
     p = res.to_dict()["protocol"]
     assert p["prompt_len"] == 12 and p["new_tokens"] == 3 and p["repeats"] == 2 and p["statistic"] == "median"
     assert p["dtype"] == "float32" and p["device"] == "cpu" and p["threads"] == 1
+    assert len(p["load_average_1m"]) == 2
     json.dumps(res.to_dict())
     assert res.row(3).batch == 3
     with pytest.raises(KeyError):
