@@ -5,6 +5,7 @@ Examples::
     lorashear run examples/stories260k-20.json              # the whole pipeline, artifacts under runs/
     lorashear inspect stories260K --target-ratio 0.2         # structures and per-type quotas
     lorashear eval runs/stories260k-20/model --data lorashear/assets/data/tinystories/eval.txt
+    lorashear eval runs/stories260k-20/model --tasks piqa,arc_easy --limit 50 --speed   # zero-shot + speed
     lorashear serve                 # HTTP API, SQLite + in-process worker (service extra: pip install '.[service]')
     lorashear demo                  # serve, submit a job over HTTP, follow it (service extra)
 """
@@ -209,35 +210,102 @@ def _device(text: str) -> str:
     return text
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
-    from lorashear.data import TokenStream, read_text
-    from lorashear.evaluation import perplexity
-    from lorashear.modeling import load_model, load_tokenizer, resolve_device
+def _task_list(text: str) -> list[str]:
+    from lorashear.config import ZEROSHOT_TASKS
 
+    names = list(ZEROSHOT_TASKS) if text == "all" else [t.strip() for t in text.split(",") if t.strip()]
+    bad = [t for t in names if t not in ZEROSHOT_TASKS]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(
+            f"--tasks: unknown task {', '.join(bad) or repr(text)}; use 'all' or a comma-separated list of "
+            f"{', '.join(ZEROSHOT_TASKS)}"
+        )
+    return names
+
+
+def _int_list(name: str):
+    def parse(text: str) -> list[int]:
+        try:
+            values = [int(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name}: expected comma-separated integers, got {text!r}") from None
+        if not values or any(v < 1 for v in values):
+            raise argparse.ArgumentTypeError(f"{name}: expected integers >= 1, got {text!r}")
+        return values
+
+    return parse
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from lorashear.config import SpeedConfig, ZeroShotConfig
+    from lorashear.evaluation.tables import speed_table, zeroshot_table
+    from lorashear.modeling import load_model, load_tokenizer, resolve_device, resolve_dtype
+
+    if not (args.data or args.tasks or args.speed):
+        raise ConfigError("nothing to do: give --data (perplexity), --tasks (zero-shot) and/or --speed", field="eval")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     path = _model_path(args.model)
     device = resolve_device(args.device)
-    model = load_model(path, device=device)
-    limit = getattr(model.config, "max_position_embeddings", None)
-    if limit and args.window > limit:
-        raise ConfigError(f"--window {args.window} exceeds the model's context of {limit} tokens", field="window")
+    model = load_model(path, device=device, dtype=resolve_dtype(args.dtype, device))
     tok = load_tokenizer(path)
-    stream = TokenStream.from_text(read_text(Path(args.data), "data"), tok)
-    p = perplexity(
-        model,
-        stream,
-        window=args.window,
-        stride=args.stride,
-        max_windows=args.max_windows,
-        batch_size=args.batch_size,
-        dataset=str(args.data),
-    )
-    if args.json:
-        print(json.dumps(p.to_dict()))
-    else:
-        print(
-            f"perplexity {p.perplexity:.4f} (nll {p.nll:.4f} nats/token) on {args.data}: window {p.window}, "
-            f"stride {p.stride}, {p.windows} windows, {p.tokens:,} tokens scored, tokenizer of {path.name}"
+    out: dict[str, Any] = {"model": str(path)}
+    if args.data:
+        from lorashear.data import TokenStream, read_text
+        from lorashear.evaluation import perplexity
+
+        limit = getattr(model.config, "max_position_embeddings", None)
+        if limit and args.window > limit:
+            raise ConfigError(f"--window {args.window} exceeds the model's context of {limit} tokens", field="window")
+        stream = TokenStream.from_text(read_text(Path(args.data), "data"), tok)
+        p = perplexity(
+            model,
+            stream,
+            window=args.window,
+            stride=args.stride,
+            max_windows=args.max_windows,
+            batch_size=args.batch_size,
+            dataset=str(args.data),
         )
+        out["perplexity"] = p.to_dict()
+        if not args.json:
+            print(
+                f"perplexity {p.perplexity:.4f} (nll {p.nll:.4f} nats/token) on {args.data}: window {p.window}, "
+                f"stride {p.stride}, {p.windows} windows, {p.tokens:,} tokens scored, tokenizer of {path.name}"
+            )
+    if args.tasks:
+        from lorashear.evaluation.zeroshot import run_zeroshot
+
+        task_dir = Path(args.task_dir).resolve() if args.task_dir else BUNDLED_DATA_ROOT / "zeroshot"
+        zcfg = ZeroShotConfig(tasks=args.tasks, limit=args.limit, batch_size=args.zs_batch_size, task_dir=task_dir.name)
+
+        def step(done: int, total: int, score: Any) -> None:
+            if not args.json:
+                print(f"  [{done}/{total}] {score.label}: acc {score.acc:.4f} (n {score.n})", file=sys.stderr)
+
+        z = run_zeroshot(model, tok, zcfg, data_root=task_dir.parent, on_step=step)
+        out["zeroshot"] = z.to_dict()
+        if not args.json:
+            print(f"\nzero-shot accuracy of {path.name} (task files in {task_dir})")
+            print(zeroshot_table({path.name: out["zeroshot"]}))
+    if args.speed:
+        from lorashear.evaluation.speed import measure_speed
+
+        scfg = SpeedConfig(
+            prompt_len=args.prompt_len,
+            new_tokens=args.new_tokens,
+            batch_sizes=args.speed_batch_sizes,
+            repeats=args.repeats,
+        )
+        sp = measure_speed(model, cfg=scfg)
+        out["speed"] = sp.to_dict()
+        if not args.json:
+            print(f"\nspeed of {path.name} ({sp.params:,} parameters, {sp.flops_decode / 1e6:.1f} MFLOPs/token decode)")
+            print(speed_table({path.name: out["speed"]}))
+    if args.json:
+        print(json.dumps(out))
     return 0
 
 
@@ -283,17 +351,48 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--no-mlp", action="store_true")
     i.set_defaults(func=cmd_inspect)
 
-    e = sub.add_parser("eval", help="perplexity of a model on a text file, with its protocol")
+    e = sub.add_parser(
+        "eval",
+        help="perplexity, zero-shot accuracy (lm-eval) and/or measured speed of a model, with their protocols",
+        description="Any of: perplexity on a text file (--data), zero-shot accuracy through lm-eval (--tasks), "
+        "prefill/decode speed (--speed). MODEL is a model directory (e.g. a job's model/ output), a .gguf file or a "
+        "bundled name.",
+    )
     e.add_argument("model", help="model directory, .gguf file, or bundled name")
-    e.add_argument("--data", required=True, help="text file (paragraphs separated by blank lines)")
+    e.add_argument("--data", default=None, help="perplexity: text file (paragraphs separated by blank lines)")
     e.add_argument("--window", type=_positive("--window", 2), default=128, help="tokens per window")
     e.add_argument(
         "--stride", type=_positive("--stride"), default=None, help="tokens between windows (default: window)"
     )
     e.add_argument("--max-windows", type=_positive("--max-windows"), default=None)
-    e.add_argument("--batch-size", type=_positive("--batch-size"), default=8)
+    e.add_argument("--batch-size", type=_positive("--batch-size"), default=8, help="perplexity windows per forward")
+    e.add_argument(
+        "--tasks",
+        type=_task_list,
+        default=None,
+        help="zero-shot: comma-separated tasks (arc_easy, arc_challenge, boolq, hellaswag, openbookqa, piqa, "
+        "winogrande) or 'all'",
+    )
+    e.add_argument(
+        "--limit", type=_positive("--limit"), default=None, help="zero-shot: documents per task (default: all)"
+    )
+    e.add_argument(
+        "--task-dir",
+        default=None,
+        help="zero-shot: directory of llm-foundry JSON-lines task files (default: the bundled 50-row slices)",
+    )
+    e.add_argument("--zs-batch-size", type=_positive("--zs-batch-size"), default=16, help="zero-shot batch size")
+    e.add_argument("--speed", action="store_true", help="measure prefill and decode tokens/s")
+    e.add_argument("--prompt-len", type=_positive("--prompt-len"), default=64, help="speed: prompt tokens")
+    e.add_argument("--new-tokens", type=_positive("--new-tokens"), default=32, help="speed: generated tokens")
+    e.add_argument("--speed-batch-sizes", type=_int_list("--speed-batch-sizes"), default=[1, 8], help="speed: e.g. 1,8")
+    e.add_argument("--repeats", type=_positive("--repeats"), default=5, help="speed: timed repeats (median)")
     e.add_argument("--device", default="auto", type=_device, help="auto, cpu, cuda or cuda:N")
-    e.add_argument("--json", action="store_true", help="print the result as JSON")
+    e.add_argument(
+        "--dtype", default="float32", choices=("auto", "float32", "bfloat16", "float16"), help="weights dtype"
+    )
+    e.add_argument("--threads", type=_positive("--threads"), default=None, help="torch CPU threads")
+    e.add_argument("--json", action="store_true", help="print the results as one JSON object")
     e.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("spec", help="print a full spec with every default filled in")

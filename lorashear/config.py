@@ -503,9 +503,94 @@ class RecoveryConfig(_Section):
         _check_int(f"{path}.eval_batches", self.eval_batches, 1, 100_000)
 
 
+ZEROSHOT_TASKS = ("arc_easy", "arc_challenge", "boolq", "hellaswag", "openbookqa", "piqa", "winogrande")
+"""Zero-shot tasks with a shipped definition (``lorashear/evaluation/lm_tasks``): lm-eval multiple-choice tasks over
+llm-foundry JSON-lines files (ALGORITHM.md section 6)."""
+
+
+@dataclass
+class ZeroShotConfig(_Section):
+    """Zero-shot accuracy through lm-eval (ALGORITHM.md section 6); the dense and the final model are scored with the
+    same settings."""
+
+    _path: ClassVar[str] = "evaluation.zeroshot"
+
+    enabled: bool = True
+    """Score the dense and the final model."""
+    tasks: list[str] = field(
+        default_factory=lambda: ["arc_easy", "arc_challenge", "boolq", "openbookqa", "piqa", "winogrande"]
+    )
+    """Tasks to score, any of arc_easy, arc_challenge, boolq, hellaswag, openbookqa, piqa, winogrande."""
+    limit: int | None = 20
+    """Score at most this many documents per task (the first ones of the file); ``None``: the whole file."""
+    batch_size: int = 16
+    """Sequences per forward pass (lm-eval's batch size; results do not depend on it beyond float rounding)."""
+    task_dir: str = "zeroshot"
+    """Directory under the data root holding ``<task file>.jsonl`` in the llm-foundry layout (the file names of
+    llm-foundry's ``eval/local_data``: arc_easy, arc_challenge, boolq, hellaswag, openbook_qa, piqa, winogrande).
+    The default names the slices bundled with the package."""
+    files: dict[str, str] = field(default_factory=dict)
+    """Per-task file overrides ``{task: name under the data root}``, e.g.
+    ``{"hellaswag": "zeroshot/hellaswag_small.jsonl"}``."""
+
+    def validate(self, path: str) -> None:
+        if not isinstance(self.enabled, bool):
+            raise _fail(f"{path}.enabled", f"expected true or false, got {self.enabled!r}")
+        if not isinstance(self.tasks, list) or not self.tasks:
+            raise _fail(f"{path}.tasks", f"expected a non-empty list of task names, got {self.tasks!r}")
+        for i, name in enumerate(self.tasks):
+            _check_choice(f"{path}.tasks[{i}]", name, ZEROSHOT_TASKS)
+        if len(set(self.tasks)) != len(self.tasks):
+            raise _fail(f"{path}.tasks", f"duplicate entries in {self.tasks!r}")
+        if self.limit is not None:
+            _check_int(f"{path}.limit", self.limit, 1, MAX_TOKENS)
+        _check_int(f"{path}.batch_size", self.batch_size, 1, 65_536)
+        check_name(f"{path}.task_dir", self.task_dir)
+        if not isinstance(self.files, dict):
+            raise _fail(f"{path}.files", f"expected an object, got {self.files!r}")
+        for name, value in self.files.items():
+            _check_choice(f"{path}.files.{name}", name, ZEROSHOT_TASKS)
+            check_name(f"{path}.files.{name}", value)
+
+
+@dataclass
+class SpeedConfig(_Section):
+    """Measured generation speed: prefill and decode tokens/s of the dense and the final model on the job's device
+    (greedy decoding with the KV cache, fixed random prompts, warm-up excluded, median of repeats)."""
+
+    _path: ClassVar[str] = "evaluation.speed"
+
+    enabled: bool = True
+    """Measure the dense and the final model."""
+    prompt_len: int = 64
+    """Prompt tokens per sequence (prefill length); prompt_len + new_tokens must fit the model's context."""
+    new_tokens: int = 32
+    """Tokens generated per sequence after the prompt (decode length)."""
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 8])
+    """Batch sizes measured (sequences decoded together)."""
+    repeats: int = 5
+    """Timed repetitions per batch size; the median is reported."""
+    warmup: int = 1
+    """Untimed repetitions before the timed ones."""
+
+    def validate(self, path: str) -> None:
+        if not isinstance(self.enabled, bool):
+            raise _fail(f"{path}.enabled", f"expected true or false, got {self.enabled!r}")
+        _check_int(f"{path}.prompt_len", self.prompt_len, 1, 131_072)
+        _check_int(f"{path}.new_tokens", self.new_tokens, 1, 131_072)
+        if not isinstance(self.batch_sizes, list) or not self.batch_sizes:
+            raise _fail(f"{path}.batch_sizes", f"expected a non-empty list, got {self.batch_sizes!r}")
+        for i, b in enumerate(self.batch_sizes):
+            _check_int(f"{path}.batch_sizes[{i}]", b, 1, 4096)
+        if len(set(self.batch_sizes)) != len(self.batch_sizes):
+            raise _fail(f"{path}.batch_sizes", f"duplicate entries in {self.batch_sizes!r}")
+        _check_int(f"{path}.repeats", self.repeats, 1, 1000)
+        _check_int(f"{path}.warmup", self.warmup, 0, 1000)
+
+
 @dataclass
 class EvaluationConfig(_Section):
-    """Perplexity protocol (ALGORITHM.md section 6)."""
+    """Perplexity protocol, zero-shot accuracy and measured speed (ALGORITHM.md section 6)."""
 
     _path: ClassVar[str] = "evaluation"
 
@@ -517,6 +602,10 @@ class EvaluationConfig(_Section):
     """Evaluate at most this many windows (``None``: the whole text)."""
     batch_size: int = 8
     """Windows per forward pass."""
+    zeroshot: ZeroShotConfig = field(default_factory=ZeroShotConfig)
+    """Zero-shot accuracy through lm-eval."""
+    speed: SpeedConfig = field(default_factory=SpeedConfig)
+    """Measured prefill and decode speed."""
 
     def validate(self, path: str) -> None:
         _check_int(f"{path}.window", self.window, 2, 131_072)
@@ -527,6 +616,11 @@ class EvaluationConfig(_Section):
         if self.max_windows is not None:
             _check_int(f"{path}.max_windows", self.max_windows, 1, MAX_TOKENS)
         _check_int(f"{path}.batch_size", self.batch_size, 1, 65_536)
+        for key, kind in (("zeroshot", ZeroShotConfig), ("speed", SpeedConfig)):
+            value = getattr(self, key)
+            if not isinstance(value, kind):
+                raise _fail(f"{path}.{key}", f"expected an object, got {value!r}")
+            value.validate(f"{path}.{key}")
 
 
 @dataclass
@@ -602,7 +696,7 @@ class JobSpec(_Section):
     data: DataConfig = field(default_factory=DataConfig)
     """Data files."""
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
-    """Perplexity protocol."""
+    """Perplexity protocol, zero-shot accuracy and measured speed."""
     export: ExportConfig = field(default_factory=ExportConfig)
     """Artifacts."""
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)

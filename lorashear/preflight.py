@@ -452,6 +452,21 @@ def machine_memory_bytes() -> int | None:
         return None
 
 
+def check_zeroshot(spec: JobSpec, roots: Roots) -> None:
+    """Check the zero-shot tasks of a spec: known names, files present under the data root, the first lines of each
+    in the task's layout (a few lines read per file).
+
+    Raises:
+        ConfigError: an unknown task name (``evaluation.zeroshot.tasks[i]``) or an invalid file name.
+        DataError: a missing, empty or malformed task file (``evaluation.zeroshot.task_dir`` or
+            ``evaluation.zeroshot.files.<task>``).
+    """
+    from lorashear.evaluation.tasks import check_tasks
+
+    if spec.evaluation.zeroshot.enabled:
+        check_tasks(spec.evaluation.zeroshot, roots.data_root)
+
+
 def preflight(spec: JobSpec, roots: Roots, *, memory_limit: int | None = None) -> PreflightResult:
     """Run every cheap check of ``spec`` against the roots.
 
@@ -463,7 +478,7 @@ def preflight(spec: JobSpec, roots: Roots, *, memory_limit: int | None = None) -
 
     Raises:
         ConfigError, DataError: a name that does not resolve (``field`` names it); a job too large for the
-            worker's memory.
+            worker's memory; an unknown zero-shot task, or a task file missing or in the wrong layout.
         UnsupportedModelError: unreadable config or unsupported architecture.
         ModelFileError: weights or tokenizer that are broken or disagree with ``config.json``.
         AdapterMismatchError: an adapter that does not fit the model.
@@ -499,5 +514,6 @@ def preflight(spec: JobSpec, roots: Roots, *, memory_limit: int | None = None) -
             roots.data(ds.train, f"data.{key}[{i}].train")
             if ds.validation is not None:
                 roots.data(ds.validation, f"data.{key}[{i}].validation")
+    check_zeroshot(spec, roots)
     quotas = plan_quotas(shape, spec.target_ratio, spec.structures, spec.analysis.gamma)
     return PreflightResult(model_path, shape, quotas)
