@@ -95,7 +95,8 @@ def demo(
 
     Starts ``serve`` in a subprocess on a free loopback port, waits for ``/readyz``, submits ``spec`` (default
     :data:`DEMO_SPEC`), follows ``GET /v1/jobs/{id}/events`` as Server-Sent Events printing stage and step/total,
-    then prints the finished job (summary metrics, artifacts) and the last value of each metric series.
+    then prints the finished job (summary metrics, artifacts), the last value of each metric series, and the
+    zero-shot and speed tables of its ``report.json``.
 
     Args:
         spec: the job spec; default :data:`DEMO_SPEC`.
@@ -138,7 +139,12 @@ def demo(
             _follow(client, job["id"], deadline, out)
             job = client.get(f"/v1/jobs/{job['id']}").json()
             metrics = client.get(f"/v1/jobs/{job['id']}/metrics").json()
-        _print_result(job, metrics, out)
+            report = None
+            if job["status"] == "succeeded":  # the zero-shot and speed tables come from report.json
+                arts = client.get(f"/v1/jobs/{job['id']}/artifacts").json()["data"]
+                url = next((a["download_url"] for a in arts if a["name"] == "report"), None)
+                report = client.get(url).json() if url else None
+        _print_result(job, metrics, out, report)
         return 0 if job["status"] == "succeeded" else 1
     finally:
         proc.terminate()
@@ -190,7 +196,9 @@ def _follow(client: Any, job_id: str, deadline: float, out: Any) -> None:
             time.sleep(1.0)
 
 
-def _print_result(job: dict[str, Any], metrics: dict[str, list[dict[str, Any]]], out: Any) -> None:
+def _print_result(
+    job: dict[str, Any], metrics: dict[str, list[dict[str, Any]]], out: Any, report: dict[str, Any] | None = None
+) -> None:
     print(f"\njob {job['id']}: {job['status']} (attempt {job['attempt']})", file=out)
     if job.get("error"):
         print(f"error: {json.dumps(job['error'])}", file=out)
@@ -198,6 +206,10 @@ def _print_result(job: dict[str, Any], metrics: dict[str, list[dict[str, Any]]],
         print("summary:", file=out)
         for key, value in job["summary"].items():
             print(f"  {key:<20} {value}", file=out)
+    if report:
+        from lorashear.cli import print_evaluation_tables  # standard library only, no torch
+
+        print_evaluation_tables(report, out)
     if metrics:
         print("metric series (points, last value):", file=out)
         for name, points in sorted(metrics.items()):

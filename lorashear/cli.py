@@ -117,9 +117,27 @@ def cmd_run(args: argparse.Namespace) -> int:
     sample = result.report.get("sample") or {}
     if sample:
         print(f"  sample       {sample['text'][:160]!r}")
+    print_evaluation_tables(result.report)
     for name, path in result.artifacts.items():
         print(f"  {name:<12} {path}")
     return 0
+
+
+def print_evaluation_tables(report: dict[str, Any], out: Any = None) -> None:
+    """Print a report's zero-shot (dense vs final) and speed tables, when it has them."""
+    from lorashear.evaluation.tables import speed_table, zeroshot_table
+
+    zs, sp = report.get("zeroshot"), report.get("speed")
+    if zs:
+        proto = zs["protocol"]
+        head = f"lm-eval {proto.get('lm_eval_version', '?')}, 0-shot, limit {proto.get('limit')} per task"
+        print(f"\nzero-shot accuracy ({head})", file=out)
+        print(zeroshot_table({"dense": zs["dense"], "final": zs["final"]}), file=out)
+    if sp:
+        proto = sp["protocol"]
+        head = f"{proto.get('device')}, {proto.get('dtype')}, prompt {proto.get('prompt_len')} + "
+        print(f"\nspeed ({head}{proto.get('new_tokens')} new tokens, median)", file=out)
+        print(speed_table({"dense": sp["dense"], "final": sp["final"]}, sp["comparison"]), file=out)
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:

@@ -7,6 +7,7 @@ the sizes, the data (:class:`JobData`), where the weights came from, and the pea
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,11 @@ class JobData:
     train: list[SubDataset]
     instruct: list[SubDataset]
     pool: TokenStream
+
+    @property
+    def subsets(self) -> list[SubDataset]:
+        """Every recovery sub-dataset, pretraining-style then instruction."""
+        return self.train + self.instruct
 
     def probe(self, seq_len: int = 32, windows: int = 2) -> torch.Tensor:
         """``(windows, seq_len)`` calibration tokens for checks (exactness, sanity, reload)."""
@@ -159,13 +165,21 @@ def _check_memory(spec: JobSpec, model: nn.Module, shape: ModelShape, device: to
     return need
 
 
-def load(spec: JobSpec, roots: Roots | None = None, *, hooks: Hooks | None = None) -> LoadedJob:
+def load(
+    spec: JobSpec,
+    roots: Roots | None = None,
+    *,
+    hooks: Hooks | None = None,
+    on_base: Callable[[nn.Module], None] | None = None,
+) -> LoadedJob:
     """Check the spec against the roots, load the model, attach LoRA, read the data.
 
     Args:
         spec: the job spec.
         roots: where model and data names resolve (default: environment or bundled assets).
         hooks: progress events (optional).
+        on_base: called with the loaded model before LoRA is attached (the pipeline measures the dense speed
+            there: unmerged LoRA branches would slow the dense reference down).
 
     Returns:
         :class:`LoadedJob`.
@@ -204,6 +218,8 @@ def load(spec: JobSpec, roots: Roots | None = None, *, hooks: Hooks | None = Non
             if value > limit:
                 raise ConfigError(f"{fld}: {value} tokens exceed the model's context of {limit}", field=fld)
     tokenizer = load_tokenizer(checked.model_path)
+    if on_base is not None:
+        on_base(base)
     model = attach_lora(base, spec.lora, adapter=roots.adapter(spec.adapter) if spec.adapter else None)
     hooks.emit(STAGE, "progress", 2, 3, "LoRA attached")
     need = _check_memory(spec, model, shape, device, dtype)

@@ -23,15 +23,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from lorashear import runstate
 from lorashear.analysis import analyze
 from lorashear.budget import plan_quotas
 from lorashear.checkpoint import spec_hash
-from lorashear.compression import compress, export
+from lorashear.compression import compress, export, load_exported
 from lorashear.config import JobSpec
 from lorashear.errors import ConfigError
-from lorashear.evaluation import evaluate, mean_loss
+from lorashear.evaluation import evaluate, mean_loss, measure_speed, speed_metrics, zeroshot_metrics
 from lorashear.events import STAGES, CancelHook, EventHook, Hooks, LoopState
 from lorashear.graph import discover
 from lorashear.inputs import load
@@ -58,19 +59,32 @@ class _Composer:
     def _timed(self, stage: str, t0: float) -> None:
         self.state.timings[stage] = {"wall_s": time.time() - t0, **peak_memory_mib(self.job.device)}
 
-    def _evaluate(self, stage: str, label: str, sample: bool = False) -> Any:
-        tok = self.job.tokenizer if sample else None
+    def _evaluate(self, stage: str, label: str, *, sample: bool = False, zeroshot: bool = False) -> Any:
+        def on_task(done: int, total: int, score: Any) -> None:
+            message = f"zero-shot ({label}) {score.label} {score.score:.3f} [{done}/{total}]"
+            self.hooks.emit(stage, "log", message=message)
+            self.hooks.cancel_point(stage)
+
+        job, e = self.job, self.spec.evaluation
+        root = self.roots.data_root if zeroshot else None
         res = evaluate(
-            self.job.model, self.job.data.eval, self.spec.evaluation, dataset=self.spec.data.eval, tokenizer=tok
-        )
-        ppl = res.perplexity.perplexity
-        self.hooks.emit(stage, "log", message=f"perplexity ({label}) {ppl:.3f}", metrics={f"ppl/{label}": ppl})
+            job.model, job.data.eval, e, dataset=self.spec.data.eval, tokenizer=job.tokenizer, sample=sample,
+            data_root=root, on_task=on_task,
+        )  # fmt: skip
+        metrics = {f"ppl/{label}": res.perplexity.perplexity}
+        metrics |= zeroshot_metrics(res.zeroshot, f"zeroshot/{label}") if res.zeroshot else {}
+        self.hooks.emit(stage, "log", message=f"perplexity ({label}) {res.perplexity.perplexity:.3f}", metrics=metrics)
         return res
 
+    def _dense_speed(self, base: nn.Module) -> None:
+        self.state.dense_speed = measure_speed(base, cfg=self.spec.evaluation.speed, seed=self.spec.seed)
+        metrics = speed_metrics(self.state.dense_speed, "speed/dense")
+        self.hooks.emit("load", "log", message="dense speed measured", metrics=metrics)
+
     # stages ---------------------------------------------------------------------------------------------------
-    def setup(self) -> None:
+    def setup(self, dense_speed: bool) -> None:
         t0 = time.time()
-        self.job = load(self.spec, self.roots, hooks=self.hooks)
+        self.job = load(self.spec, self.roots, hooks=self.hooks, on_base=self._dense_speed if dense_speed else None)
         self._timed("load", t0)
         t0, st = time.time(), self.spec.structures
         self.hooks.emit("discover", "stage_start", 0, 1, "tracing the model")
@@ -86,49 +100,33 @@ class _Composer:
     def stage_analyze(self, _loop: LoopState | None) -> None:
         a, data = self.spec.analysis, self.job.data
         self.hooks.emit("analyze", "stage_start", 0, 1, "dense perplexity and knowledge distribution")
-        self.state.dense = self._evaluate("analyze", "dense")
-        self.state.reference_losses = {
-            d.name: mean_loss(self.job.model, d.val_batches) for d in data.train + data.instruct
-        }
+        self.state.dense = self._evaluate("analyze", "dense", zeroshot=True)
+        self.state.reference_losses = {d.name: mean_loss(self.job.model, d.val_batches) for d in data.subsets}
         windows = data.calibration.windows(a.seq_len)
 
         def progress(done: int, total: int) -> None:
             self.hooks.emit("analyze", "progress", done, total, "layer sensitivity")
             self.hooks.cancel_point("analyze")  # a resumed run redoes the analysis from its start
 
-        result = analyze(
-            self.job.model, self.structures, windows, a, batch_size=max(1, min(8, len(windows))), on_step=progress
-        )
-        self.state.analysis = result
+        args = (self.job.model, self.structures, windows, a)
+        result = self.state.analysis = analyze(*args, batch_size=max(1, min(8, len(windows))), on_step=progress)
         message = f"most sensitive: {result.most_sensitive()}"
         self.hooks.emit("analyze", "stage_end", 1, 1, message, data={"layer_map": result.layer_map})
 
     def stage_prune(self, loop: LoopState | None) -> None:
         cfg = self.spec.lhspg
         pool = self.job.data.pool
-        self.state.prune = prune(
-            self.job.model,
-            self.structures,
-            self.set_quotas,
-            cfg,
-            lambda: pool.sample(cfg.batch_size, cfg.seq_len, self.gen),
-            hooks=self.hooks,
-            resume=loop,
-        )
+        sample = lambda: pool.sample(cfg.batch_size, cfg.seq_len, self.gen)  # noqa: E731
+        args = (self.job.model, self.structures, self.set_quotas, cfg, sample)
+        self.state.prune = prune(*args, hooks=self.hooks, resume=loop)
         check_sane(self.job.model, self.job.data.probe(), stage="prune", step=cfg.total_steps)
 
     def stage_compress(self, _loop: LoopState | None) -> None:
         assert self.state.prune is not None
         self.hooks.emit("compress", "stage_start", 0, 3, "slicing zero groups")
         probe = self.job.data.probe(min(64, self.spec.analysis.seq_len), 4)
-        res = compress(
-            self.job.model,
-            self.structures,
-            self.state.prune.removed,
-            probe_ids=probe,
-            expected_params=self.quotas.params_after,
-        )
-        self.state.compression = res
+        args = (self.job.model, self.structures, self.state.prune.removed)
+        res = self.state.compression = compress(*args, probe_ids=probe, expected_params=self.quotas.params_after)
         diff, metric = res.max_abs_logit_diff, {"compress/max_abs_logit_diff": res.max_abs_logit_diff}
         self.hooks.emit("compress", "progress", 2, 3, f"logits match (max abs diff {diff:.2e})", metrics=metric)
         self.state.pruned = self._evaluate("compress", "pruned")
@@ -138,24 +136,22 @@ class _Composer:
     def stage_recover(self, loop: LoopState | None) -> None:
         r, data = self.spec.recovery, self.job.data
         stages = recovery_stages(data.train, data.instruct, r)
-        refs, clip = self.state.reference_losses, self.spec.lhspg.max_grad_norm
-        model = self.job.model
-        self.state.recovery = recover(
-            model, stages, refs, r, self.gen, max_grad_norm=clip, hooks=self.hooks, resume=loop
-        )
+        args = (self.job.model, stages, self.state.reference_losses, r, self.gen)
+        clip = self.spec.lhspg.max_grad_norm
+        self.state.recovery = recover(*args, max_grad_norm=clip, hooks=self.hooks, resume=loop)
         check_sane(self.job.model, data.probe(), stage="recover")
 
     def stage_evaluate(self, _loop: LoopState | None) -> None:
-        self.hooks.emit("evaluate", "stage_start", 0, 1, "final perplexity")
-        self.state.final = self._evaluate("evaluate", "recovered", sample=True)
+        self.hooks.emit("evaluate", "stage_start", 0, 1, "final perplexity and zero-shot accuracy")
+        self.state.final = self._evaluate("evaluate", "recovered", sample=True, zeroshot=True)
         self.hooks.emit("evaluate", "stage_end", 1, 1, self.state.final.sample["text"][:120])
 
     # driver -------------------------------------------------------------------------------------------------
-    def resume(self) -> LoopState | None:
-        resumed = runstate.load(self.ckpt_dir, self.state.spec_hash)
+    def resume(self, resumed: runstate.Resumed | None) -> LoopState | None:
         if resumed is None:
             return None
         resumed.state.timings.update(self.state.timings)  # this attempt's load and discovery
+        resumed.state.dense_speed = resumed.state.dense_speed or self.state.dense_speed
         self.state = resumed.state
         resumed.apply(self.job.model, self.structures, self.gen)
         done = self.state.stage_done
@@ -163,8 +159,9 @@ class _Composer:
         return resumed.loop
 
     def execute(self) -> RunResult:
-        self.setup()
-        loop = self.resume()
+        resumed = runstate.load(self.ckpt_dir, self.state.spec_hash)
+        self.setup(self.spec.evaluation.speed.enabled and (resumed is None or resumed.state.dense_speed is None))
+        loop = self.resume(resumed)
         stages = (self.stage_analyze, self.stage_prune, self.stage_compress, self.stage_recover, self.stage_evaluate)
         for fn in stages:
             name = fn.__name__.removeprefix("stage_")
@@ -191,13 +188,20 @@ class _Composer:
             input_dtype=job.input_dtype, input_bytes=input_bytes,
         )  # fmt: skip
         self.hooks.emit("export", "progress", 1, 2, "reload checked")
+        final_speed = None
+        if state.dense_speed is not None:  # measured on what a user downloads, in the dense model's dtype
+            final = load_exported(staging, dtype=job.dtype, device=job.device)
+            final_speed = measure_speed(final, cfg=self.spec.evaluation.speed, seed=self.spec.seed)
+            self.hooks.emit(
+                "export", "log", message="final speed measured", metrics=speed_metrics(final_speed, "speed/final")
+            )
         assert state.compression is not None
         self._timed("export", t0)
-        report = build_report(self.spec, state, job, self.structures, self.quotas, ex)
+        report = build_report(self.spec, state, job, self.structures, self.quotas, ex, final_speed)
         plan = {**state.compression.plan, "model": self.spec.model}
         artifacts = {name: self.output_dir / rel for name, rel in ex.artifacts.items()}
         artifacts |= publish(staging, self.output_dir, {"plan.json": plan, "report.json": report})
-        head = summary(state, self.quotas, ex)
+        head = summary(state, self.quotas, ex, report)
         metrics = {f"summary/{k}": float(v) for k, v in head.items()}
         self.hooks.emit(
             "export", "stage_end", 2, 2, f"artifacts written: {', '.join(sorted(artifacts))}", metrics=metrics

@@ -22,6 +22,8 @@ from lorashear.budget import Quotas
 from lorashear.compression import ExportResult
 from lorashear.config import JobSpec
 from lorashear.errors import ConfigError
+from lorashear.evaluation.speed import SpeedResult, speed_section
+from lorashear.evaluation.zeroshot import zeroshot_section
 from lorashear.graph import Structures
 from lorashear.inputs import LoadedJob
 from lorashear.modeling import write_json
@@ -74,9 +76,22 @@ def model_checksums(model_path: Path) -> dict[str, str]:
     }
 
 
-def summary(state: RunState, quotas: Quotas, exported: ExportResult) -> dict[str, Any]:
-    """The headline numbers: parameters before/after/target, fraction removed, perplexities, exactness."""
+def summary(state: RunState, quotas: Quotas, exported: ExportResult, report: dict[str, Any]) -> dict[str, Any]:
+    """The headline numbers: parameters before/after/target, fraction removed, perplexities, exactness, and when
+    measured the zero-shot averages (fractions 0-1) and the batch-1 speedups (measured and ideal from FLOPs)."""
     assert state.dense and state.pruned and state.final and state.compression
+    extra: dict[str, Any] = {}
+    zs = report.get("zeroshot")
+    if zs:
+        extra |= {"zeroshot_avg_dense": zs["dense"]["avg"], "zeroshot_avg_final": zs["final"]["avg"]}
+    sp = report.get("speed")
+    if sp and sp["comparison"]["rows"]:
+        row = sp["comparison"]["rows"][0]
+        extra |= {
+            f"prefill_speedup_b{row['batch']}": row["prefill"]["speedup"],
+            f"decode_speedup_b{row['batch']}": row["decode"]["speedup"],
+            "ideal_speedup_flops": row["decode"]["ideal_speedup"],
+        }
     return {
         "params_before": quotas.params_before,
         "params_after": exported.params,
@@ -87,13 +102,20 @@ def summary(state: RunState, quotas: Quotas, exported: ExportResult) -> dict[str
         "ppl_pruned": state.pruned.perplexity.perplexity,
         "ppl_recovered": state.final.perplexity.perplexity,
         "max_abs_logit_diff": state.compression.max_abs_logit_diff,
+        **extra,
     }
 
 
 def build_report(
-    spec: JobSpec, state: RunState, job: LoadedJob, structures: Structures, quotas: Quotas, exported: ExportResult
+    spec: JobSpec,
+    state: RunState,
+    job: LoadedJob,
+    structures: Structures,
+    quotas: Quotas,
+    exported: ExportResult,
+    final_speed: SpeedResult | None = None,
 ) -> dict[str, Any]:
-    """The content of ``report.json``."""
+    """The content of ``report.json``; ``zeroshot`` and ``speed`` compare the dense and the final model (issue 6)."""
     import peft
     import transformers
 
@@ -101,10 +123,12 @@ def build_report(
 
     assert state.dense and state.pruned and state.final and state.compression
     e = spec.evaluation
-    return {
+    zs_dense, zs_final = state.dense.zeroshot, state.final.zeroshot
+    report: dict[str, Any] = {
         "lorashear_version": lorashear.__version__,
         "spec": spec.to_dict(),
-        "summary": summary(state, quotas, exported),
+        "zeroshot": zeroshot_section(zs_dense, zs_final) if zs_dense and zs_final else None,
+        "speed": speed_section(state.dense_speed, final_speed) if state.dense_speed and final_speed else None,
         "model": {
             "name": spec.model,
             "shape": structures.shape.__dict__,
@@ -159,6 +183,8 @@ def build_report(
         "timings": state.timings,
         "memory_estimate_bytes": job.memory_estimate_bytes,
     }
+    report["summary"] = summary(state, quotas, exported, report)
+    return report
 
 
 def staging_dir(output_dir: Path) -> Path:

@@ -7,7 +7,7 @@
 """
 
 from lorashear.compression.compress import CompressionResult, apply_removed, compress
-from lorashear.compression.export import ExportResult, export, stock_loadable
+from lorashear.compression.export import ExportResult, export, load_exported, stock_loadable
 from lorashear.compression.slicing import apply_plan, check_exact, kept_indices, make_plan, rescale_norms_, slice_
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "compress",
     "export",
     "kept_indices",
+    "load_exported",
     "make_plan",
     "rescale_norms_",
     "slice_",

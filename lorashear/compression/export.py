@@ -185,6 +185,21 @@ def _reload_check(
     return type(loaded).__name__, count_params(loaded), diff
 
 
+def load_exported(directory: str | Path, *, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    """Load what :func:`export` wrote as one plain model: ``model/``, merged with ``adapter/`` when the LoRA was
+    kept separate (the function is the same; speed is measured on it, issue 6).
+    """
+    from transformers import AutoModelForCausalLM
+
+    directory = Path(directory)
+    model: Any = AutoModelForCausalLM.from_pretrained(str(directory / "model"), dtype=dtype, trust_remote_code=False)
+    if (directory / "adapter").is_dir() and not (directory / "pruned_base").is_dir():
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(directory / "adapter")).merge_and_unload()
+    return cast(nn.Module, model.to(device).eval())
+
+
 def export(
     model: nn.Module,
     tokenizer: Any,

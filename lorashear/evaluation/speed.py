@@ -100,6 +100,12 @@ class SpeedResult:
             "protocol": dict(self.protocol),
         }
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SpeedResult:
+        """Inverse of :meth:`to_dict` (checkpoints)."""
+        rows = [SpeedRow(**r) for r in data["rows"]]
+        return cls(rows, data["params"], data["flops_prefill"], data["flops_decode"], dict(data.get("protocol") or {}))
+
 
 def _is_lora(name: str) -> bool:
     return any(part.startswith("lora_") for part in name.split("."))

@@ -113,6 +113,12 @@ class ZeroShotResult:
             "protocol": dict(self.protocol),
         }
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ZeroShotResult:
+        """Inverse of :meth:`to_dict` (checkpoints)."""
+        tasks = {k: TaskScore(**{f: v for f, v in t.items() if f != "score"}) for k, t in data["tasks"].items()}
+        return cls(tasks, data["avg"], data["avg_acc"], data["avg5"], dict(data.get("protocol") or {}))
+
 
 def _docs_dataset(docs: list[dict[str, Any]], **_: Any) -> Any:
     """``custom_dataset`` of an lm-eval task: the checked documents as a one-split ``DatasetDict`` (in memory)."""
