@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from lorashear.config import AnalysisConfig
-from lorashear.evaluation.loss import mean_loss, window_batches
+from lorashear.evaluation.loss import lm_loss, mean_loss, window_batches
 from lorashear.graph import Structures, StructureSet
 from lorashear.importance import MagnitudeImportance, TaylorImportance
 
@@ -86,10 +86,6 @@ def _consumer_mask_hooks(model: nn.Module, s: StructureSet, groups: torch.Tensor
 
         hooks.append(mod.register_forward_pre_hook(pre))
     return hooks
-
-
-def _loss_of(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return model(input_ids=x, labels=x, use_cache=False).loss
 
 
 def protect(structures: Structures, scores: dict[str, torch.Tensor], gamma: float) -> dict[str, list[int]]:
@@ -174,7 +170,7 @@ def analyze(
     device = next(model.parameters()).device
     for b in batches:
         x = b["input_ids"].to(device)
-        taylor.accumulate(functools.partial(_loss_of, model, x))
+        taylor.accumulate(functools.partial(lm_loss, model, x))
         model.zero_grad(set_to_none=True)
     if on_step:
         on_step(total, total)

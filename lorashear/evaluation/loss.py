@@ -40,6 +40,11 @@ def token_nll(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[float, 
     return float(nll), int((target != -100).sum())
 
 
+def lm_loss(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """The model's own mean next-token loss on ``input_ids`` ``(B, T)``, with gradients (for importance scores)."""
+    return model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
+
+
 def mean_loss(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> float:
     """Mean loss per scored token over fixed batches, nats (0.0 when nothing is scored). Leaves the mode as it was."""
     was = model.training

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -190,14 +191,20 @@ def summarize(scores: dict[str, TaskScore]) -> tuple[float, float, float | None]
 
 @contextmanager
 def _quiet_lm_eval() -> Iterator[None]:
-    """lm-eval logs a warning per call (an in-memory model, ``limit``); keep the job's log readable."""
+    """lm-eval logs a warning per call (an in-memory model, ``limit``) and draws a progress bar per task while
+    building requests; keep the job's log readable (tqdm reads ``TQDM_DISABLE`` when a bar is created)."""
     lg = logging.getLogger("lm_eval")
-    old = lg.level
+    old, old_env = lg.level, os.environ.get("TQDM_DISABLE")
     lg.setLevel(logging.ERROR)
+    os.environ["TQDM_DISABLE"] = "1"
     try:
         yield
     finally:
         lg.setLevel(old)
+        if old_env is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = old_env
 
 
 def make_lm(model: nn.Module, tokenizer: Any, batch_size: int) -> Any:

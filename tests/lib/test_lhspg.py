@@ -168,3 +168,24 @@ def test_taylor_importance_prunes_exactly_and_resumes_to_the_same_weights() -> N
     assert again.removed == ref.removed and again.losses == ref.losses
     for (n, a), (_, b) in zip(model.named_parameters(), model2.named_parameters(), strict=True):
         assert torch.equal(a, b), n
+
+
+@pytest.mark.parametrize("criterion", ["taylor", "magnitude", "random"])
+def test_one_shot_baselines_zero_exactly_the_quota_and_slice_exactly(criterion: str) -> None:
+    """The one-shot rows of the quality benchmark (issue 9) use the same structures, quotas and exactness check."""
+    from lorashear.baselines import one_shot
+    from lorashear.compression import compress
+
+    case = Case("llama-gqa2", "llama", 4, 2)
+    model = attach_lora(build_model(case), LoRAConfig(rank=4))
+    st = discover(model)
+    st.by_key()["mlp_channel@0"].protected[:3] = True
+    quotas = {s.key: {0: 1 if s.kind == "kv_group" else 6} for s in st.sets if s.kind in ("kv_group", "mlp_channel")}
+    x = torch.randint(3, 512, (2, 16), generator=torch.Generator().manual_seed(0))
+    removed = one_shot(model, st, quotas, criterion, [{"input_ids": x}], seed=1)
+    assert {k: len(v) for k, v in removed.items()} == {k: sum(q.values()) for k, q in quotas.items()}
+    assert not set(removed["mlp_channel@0"]) & {0, 1, 2}, "protected groups are never chosen"
+    res = compress(model, st, removed, probe_ids=x)
+    assert res.exact and res.max_abs_logit_diff < 1e-4
+    with pytest.raises(ValueError, match="unknown one-shot criterion"):
+        one_shot(model, st, quotas, "oracle", [])

@@ -80,6 +80,15 @@ def test_cli_end_to_end_on_bundled_model(tmp_path: Path) -> None:
         assert key in s
     for key in ("analysis", "lhspg", "compression", "recovery", "perplexity", "timings", "environment", "model"):
         assert report[key], key
+    # zero-shot (dense vs final, lm-eval) and measured speed with their protocols (issue 6)
+    zs, sp = report["zeroshot"], report["speed"]
+    assert set(zs["dense"]["tasks"]) == set(zs["final"]["tasks"]) >= {"piqa", "arc_easy", "winogrande"}
+    assert all(t["n"] == 20 and 0 <= t["acc"] <= 1 for t in zs["final"]["tasks"].values())
+    assert zs["protocol"]["lm_eval_version"].startswith("0.4") and zs["protocol"]["limit"] == 20
+    assert [r["batch"] for r in sp["comparison"]["rows"]] == [1, 8]
+    assert sp["comparison"]["ideal"]["params"] > 1.2 and sp["dense"]["rows"][0]["decode_tokens_per_s"] > 0
+    assert s["zeroshot_avg_final"] == zs["final"]["avg"] and s["decode_speedup_b1"] > 0
+    assert "zero-shot accuracy" in proc.stdout and "speed" in proc.stdout
     assert report["analysis"]["layer_map"] and report["recovery"]["rounds"]
     assert report["model"]["checksums_sha256"]["model.safetensors"]
     # 20% fewer parameters within one budget step
