@@ -51,9 +51,9 @@ def settings(tmp_path: Path) -> Settings:
     return s
 
 
-def _new_job(settings: Settings, **columns) -> str:
+def _new_job(settings: Settings, spec: dict | None = None, **columns) -> str:
     with session_scope(database(settings).sessions) as s:
-        job, created = JobService(s, settings, "local").create(dict(SPEC))
+        job, created = JobService(s, settings, "local").create(dict(spec or SPEC))
         assert created
         for key, value in columns.items():
             setattr(job, key, value)
@@ -186,6 +186,23 @@ def test_pipeline_user_error_becomes_a_failed_job(settings: Settings, tmp_path: 
     with session_scope(database(settings).sessions) as s:
         events: list[JobEvent] = JobRepository(s).events(job_id)[0]
     assert any(e.message.startswith("failed:") for e in events)
+
+
+def test_diverged_training_fails_the_job_as_a_user_error_naming_the_learning_rate(settings: Settings) -> None:
+    """Issue 7, item 6: lr 1e6 once shipped a uniform-output model as ``succeeded``; now ``user_error/diverged``."""
+    spec = {
+        "model": "stories260K",
+        "target_ratio": 0.2,
+        "lhspg": {"lr": 1e6, "warmup_steps": 0, "periods": 1, "period_steps": 1, "batch_size": 2, "seq_len": 32},
+        "recovery": {"enabled": False},
+        "evaluation": {"zeroshot": {"enabled": False}, "speed": {"enabled": False}},
+    }
+    job_id = _new_job(settings, spec)
+    assert run_job(job_id, settings=settings) is Outcome.FAILED
+    job = _job(settings, job_id)
+    assert (job.error_code, job.error_type, job.error_field) == ("user_error", "diverged", "lhspg.lr")
+    assert "lower lhspg.lr" in (job.error_message or "")
+    assert not (settings.artifacts_dir / job_id).exists(), "nothing shipped"
 
 
 @pytest.mark.slow
