@@ -1,6 +1,7 @@
 """Quick lever check on the bundled stories260K (minutes on a CPU; issue 9): perplexity after pruning and before
 recovery for one-shot group pruning (taylor, magnitude, random; no training) and LHSPG (decay mode, 10 warm-up +
-3 x 10 steps of 8 x 128 tokens, LoRA r 8; paper-code saliency vs first-order Taylor importance), at 20% and 50%.
+3 x 10 steps of 8 x 128 tokens, LoRA r 8; paper-code saliency vs first-order Taylor importance, and Taylor with
+distillation from the dense model at weight 0.5), at 20% and 50%.
 
 Not the quality benchmark of issue 9 (that one is SmolLM2-135M at equal training tokens with zero-shot scores); a
 cheap signal for a lever before spending hours on it. Same structures, budget, gamma protection and evaluation for
@@ -51,10 +52,10 @@ def one_shot_row(ratio: float, criterion: str) -> float:
     return lorashear.evaluate(job.model, job.data.eval, s.evaluation).perplexity.perplexity
 
 
-def lhspg_row(ratio: float, importance: str, tmp: Path) -> float:
-    s = spec(ratio, lhspg=LHSPG | {"importance": importance}, recovery={"enabled": False})
-    out = tmp / f"{importance}-{ratio}"
-    res = lorashear.run(s, out, roots=Roots(), work_dir=tmp / f"{importance}-{ratio}.work")
+def lhspg_row(ratio: float, importance: str, distill: float, tmp: Path) -> float:
+    s = spec(ratio, lhspg=LHSPG | {"importance": importance, "distill": distill}, recovery={"enabled": False})
+    out = tmp / f"{importance}-{distill}-{ratio}"
+    res = lorashear.run(s, out, roots=Roots(), work_dir=tmp / f"{importance}-{distill}-{ratio}.work")
     shutil.rmtree(out)
     return float(res.summary["ppl_pruned"])
 
@@ -71,10 +72,11 @@ def main() -> None:
         for ratio in args.ratios:
             for crit in ("taylor", "magnitude", "random"):
                 rows.append({"method": f"one-shot {crit}", "ratio": ratio, "ppl": one_shot_row(ratio, crit)})
-            for imp in ("lora_saliency", "taylor"):
-                rows.append({"method": f"LHSPG decay, {imp}", "ratio": ratio, "ppl": lhspg_row(ratio, imp, Path(d))})
-            for r in rows[-5:]:
-                print(f"{r['ratio']:.0%}  {r['method']:<28} ppl before recovery {r['ppl']:10.2f}", flush=True)
+            for imp, kd in (("lora_saliency", 0.0), ("taylor", 0.0), ("taylor", 0.5)):
+                name = f"LHSPG decay, {imp}" + (f", distill {kd}" if kd else "")
+                rows.append({"method": name, "ratio": ratio, "ppl": lhspg_row(ratio, imp, kd, Path(d))})
+            for r in rows[-6:]:
+                print(f"{r['ratio']:.0%}  {r['method']:<36} ppl before recovery {r['ppl']:10.2f}", flush=True)
     if args.out:
         args.out.write_text(json.dumps(rows, indent=1) + "\n")
 

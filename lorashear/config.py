@@ -336,6 +336,10 @@ class LHSPGConfig(_Section):
     before weighting."""
     max_grad_norm: float = 1.0
     """Gradient clipping of the LoRA weights (L2 norm)."""
+    distill: float = 0.0
+    """Weight 0-1 of knowledge distillation from the dense model: the loss is ``(1 - distill) * cross-entropy +
+    distill * KL(dense || pruned)`` over the next-token distributions (temperature 1) of the scored positions. The
+    dense model is a frozen copy kept beside the pruned one (its weights' memory once more). 0: off (issue 9)."""
 
     def validate(self, path: str) -> None:
         _check_choice(f"{path}.mode", self.mode, ("decay", "hsp"))
@@ -364,6 +368,7 @@ class LHSPGConfig(_Section):
         if sum(self.criteria.values()) <= 0:
             raise _fail(f"{path}.criteria", "at least one criterion needs a positive weight")
         _check_positive(f"{path}.max_grad_norm", self.max_grad_norm)
+        _check_ratio(f"{path}.distill", self.distill)
         if self.total_steps > MAX_STEPS:
             raise _fail(f"{path}.period_steps", f"warm-up plus periods x period_steps exceeds {MAX_STEPS:,} steps")
 
@@ -486,6 +491,10 @@ class RecoveryConfig(_Section):
     """Stop a stage early once every deviation max(L_i - L_ref_i, 0) is below tau (nats)."""
     eval_batches: int = 8
     """Validation batches per sub-dataset when measuring deviations."""
+    distill: float = 0.0
+    """Weight 0-1 of knowledge distillation from the dense model: the loss is ``(1 - distill) * cross-entropy +
+    distill * KL(dense || pruned)`` over the next-token distributions (temperature 1) of the scored positions. The
+    dense model is a frozen copy kept beside the pruned one (its weights' memory once more). 0: off (issue 9)."""
 
     def validate(self, path: str) -> None:
         _check_int(f"{path}.rounds", self.rounds, 1, 10_000)
@@ -501,6 +510,7 @@ class RecoveryConfig(_Section):
         if not isinstance(self.tau, (int, float)) or self.tau < 0:
             raise _fail(f"{path}.tau", f"expected a number >= 0, got {self.tau!r}")
         _check_int(f"{path}.eval_batches", self.eval_batches, 1, 100_000)
+        _check_ratio(f"{path}.distill", self.distill)
 
 
 ZEROSHOT_TASKS = ("arc_easy", "arc_challenge", "boolq", "hellaswag", "openbookqa", "piqa", "winogrande")

@@ -7,6 +7,7 @@ the sizes, the data (:class:`JobData`), where the weights came from, and the pea
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,6 +78,9 @@ class LoadedJob:
     input_dtype: torch.dtype | None
     input_bytes: int
     memory_estimate_bytes: int
+    teacher: nn.Module | None = None
+    """A frozen copy of the dense model, kept when a stage distills from it (``lhspg.distill``,
+    ``recovery.distill``)."""
 
 
 def _sub(
@@ -146,14 +150,17 @@ def load_job_data(spec: JobSpec, roots: Roots, tokenizer: Any) -> JobData:
     return JobData(calib, ev, train, instruct, pool)
 
 
-def _check_memory(spec: JobSpec, model: nn.Module, shape: ModelShape, device: torch.device, dtype: torch.dtype) -> int:
+def _check_memory(
+    spec: JobSpec, model: nn.Module, shape: ModelShape, device: torch.device, dtype: torch.dtype, teacher: bool
+) -> int:
     lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
     batch, seq = max(
         (spec.lhspg.batch_size, spec.lhspg.seq_len),
         (spec.recovery.batch_size, spec.recovery.seq_len),
         key=lambda bs: bs[0] * bs[1],
     )
-    need = estimate_peak_bytes(shape, torch.finfo(dtype).bits // 8, lora, batch, seq)
+    elt = torch.finfo(dtype).bits // 8
+    need = estimate_peak_bytes(shape, elt, lora, batch, seq) + (shape.total_params * elt if teacher else 0)
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
         if need > free:
@@ -220,11 +227,13 @@ def load(
     tokenizer = load_tokenizer(checked.model_path)
     if on_base is not None:
         on_base(base)
+    teacher = copy.deepcopy(base).requires_grad_(False).eval() if spec.lhspg.distill or spec.recovery.distill else None
     model = attach_lora(base, spec.lora, adapter=roots.adapter(spec.adapter) if spec.adapter else None)
     hooks.emit(STAGE, "progress", 2, 3, "LoRA attached")
-    need = _check_memory(spec, model, shape, device, dtype)
+    need = _check_memory(spec, model, shape, device, dtype, teacher is not None)
     hooks.emit(STAGE, "log", message=f"estimated peak memory {need / 2**20:,.0f} MiB for training")
     data = load_job_data(spec, roots, tokenizer)
     hooks.emit(STAGE, "stage_end", 3, 3, f"{n:,} parameters, {len(data.pool):,} training tokens")
     input_dtype, input_bytes = stored_weights(checked.model_path)
-    return LoadedJob(model, tokenizer, data, shape, checked.model_path, device, dtype, input_dtype, input_bytes, need)
+    path = checked.model_path
+    return LoadedJob(model, tokenizer, data, shape, path, device, dtype, input_dtype, input_bytes, need, teacher)

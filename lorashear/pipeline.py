@@ -118,7 +118,7 @@ class _Composer:
         pool = self.job.data.pool
         sample = lambda: pool.sample(cfg.batch_size, cfg.seq_len, self.gen)  # noqa: E731
         args = (self.job.model, self.structures, self.set_quotas, cfg, sample)
-        self.state.prune = prune(*args, hooks=self.hooks, resume=loop)
+        self.state.prune = prune(*args, hooks=self.hooks, resume=loop, teacher=self.job.teacher)
         check_sane(self.job.model, self.job.data.probe(), stage="prune", step=cfg.total_steps)
 
     def stage_compress(self, _loop: LoopState | None) -> None:
@@ -137,8 +137,8 @@ class _Composer:
         r, data = self.spec.recovery, self.job.data
         stages = recovery_stages(data.train, data.instruct, r)
         args = (self.job.model, stages, self.state.reference_losses, r, self.gen)
-        clip = self.spec.lhspg.max_grad_norm
-        self.state.recovery = recover(*args, max_grad_norm=clip, hooks=self.hooks, resume=loop)
+        clip, teacher = self.spec.lhspg.max_grad_norm, self.job.teacher
+        self.state.recovery = recover(*args, max_grad_norm=clip, hooks=self.hooks, resume=loop, teacher=teacher)
         check_sane(self.job.model, data.probe(), stage="recover")
 
     def stage_evaluate(self, _loop: LoopState | None) -> None:

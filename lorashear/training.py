@@ -25,7 +25,30 @@ def _hint(stage: str) -> str:
     return f"lower {field}" if field else "check the learning rates"
 
 
-def train_loss(model: nn.Module, batch: dict[str, torch.Tensor], *, stage: str, step: int) -> float:
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``KL(teacher || student)`` of the next-token distributions, mean over scored positions, nats.
+
+    Args:
+        student: logits ``(B, T, vocab)`` (with gradients).
+        teacher: the dense model's logits ``(B, T, vocab)``.
+        labels: ``(B, T)``; position ``t`` predicts ``labels[:, t + 1]`` and counts when that is not ``-100``.
+    """
+    mask = (labels[:, 1:] != -100).reshape(-1)
+    vocab = student.shape[-1]
+    s = torch.log_softmax(student[:, :-1].float(), dim=-1).reshape(-1, vocab)[mask]
+    t = torch.log_softmax(teacher[:, :-1].float(), dim=-1).reshape(-1, vocab)[mask]
+    return torch.nn.functional.kl_div(s, t, log_target=True, reduction="batchmean")
+
+
+def train_loss(
+    model: nn.Module,
+    batch: dict[str, torch.Tensor],
+    *,
+    stage: str,
+    step: int,
+    teacher: nn.Module | None = None,
+    distill: float = 0.0,
+) -> float:
     """Forward and backward one batch; the caller steps the optimizer.
 
     Args:
@@ -33,9 +56,11 @@ def train_loss(model: nn.Module, batch: dict[str, torch.Tensor], *, stage: str, 
         batch: ``input_ids``, ``labels`` and optionally ``attention_mask``, each ``(B, T)``.
         stage: ``prune`` or ``recover`` (names the field in errors).
         step: 0-based optimizer step within the stage.
+        teacher: the frozen dense model, for distillation.
+        distill: weight 0-1 of :func:`distillation_loss` against the cross-entropy (issue 9).
 
     Returns:
-        The loss, nats per target token.
+        The training loss (cross-entropy, or the mix with distillation), nats per target token.
 
     Raises:
         DivergedError: the loss is not finite.
@@ -43,7 +68,13 @@ def train_loss(model: nn.Module, batch: dict[str, torch.Tensor], *, stage: str, 
     model.train()
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in batch.items()}
-    loss = model(**batch, use_cache=False).loss
+    out = model(**batch, use_cache=False)
+    loss = out.loss
+    if teacher is not None and distill > 0:
+        with torch.no_grad():
+            kwargs = {k: v for k, v in batch.items() if k != "labels"}
+            dense = teacher(**kwargs, use_cache=False).logits
+        loss = (1 - distill) * loss + distill * distillation_loss(out.logits, dense, batch["labels"])
     if not torch.isfinite(loss):
         dtype = next(model.parameters()).dtype
         raise DivergedError(

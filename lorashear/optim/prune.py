@@ -101,6 +101,7 @@ def prune(
     *,
     hooks: Hooks | None = None,
     resume: LoopState | None = None,
+    teacher: nn.Module | None = None,
 ) -> PruneResult:
     """Run LHSPG to the end of its schedule.
 
@@ -112,6 +113,7 @@ def prune(
         sample: returns the next training batch (``input_ids``, ``labels``, ``(B, T)``).
         hooks: progress, cancellation and checkpoints (optional).
         resume: the loop state a previous, interrupted call saved.
+        teacher: the frozen dense model, distilled from with weight ``cfg.distill``.
 
     Returns:
         :class:`PruneResult`.
@@ -142,7 +144,7 @@ def prune(
         hooks.cancel_point(STAGE, snap)
         step = opt.step_count
         with taylor.recording() if taylor is not None else contextlib.nullcontext():
-            loss = train_loss(model, sample(), stage=STAGE, step=step)
+            loss = train_loss(model, sample(), stage=STAGE, step=step, teacher=teacher, distill=cfg.distill)
         info = opt.step()
         model.zero_grad(set_to_none=True)
         losses.append(loss)

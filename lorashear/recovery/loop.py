@@ -97,6 +97,7 @@ def recover(
     max_grad_norm: float = 1.0,
     hooks: Hooks | None = None,
     resume: LoopState | None = None,
+    teacher: nn.Module | None = None,
 ) -> RecoveryResult:
     """Fine-tune the LoRA of the pruned model with dynamically re-weighted data.
 
@@ -109,6 +110,7 @@ def recover(
         max_grad_norm: gradient clipping (L2 norm of the LoRA gradients).
         hooks: progress, cancellation and checkpoints (optional).
         resume: the loop state a previous, interrupted call saved.
+        teacher: the frozen dense model, distilled from with weight ``cfg.distill``.
 
     Returns:
         :class:`RecoveryResult`.
@@ -166,7 +168,7 @@ def recover(
                 hooks.cancel_point(STAGE, snap)
                 i = int(torch.multinomial(torch.tensor(prog.weights), 1, generator=gen))
                 batch = stage.datasets[i].sample(cfg.batch_size, cfg.seq_len, gen)
-                loss = train_loss(model, batch, stage=STAGE, step=at + prog.step)
+                loss = train_loss(model, batch, stage=STAGE, step=at + prog.step, teacher=teacher, distill=cfg.distill)
                 clip_gradients(params, max_grad_norm, stage=STAGE, step=at + prog.step)
                 opt.step()
                 opt.zero_grad(set_to_none=True)

@@ -161,3 +161,13 @@ def test_cli_refuses_a_typo_in_a_spec(tmp_path: Path) -> None:
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "lora.rnk" in out.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_distillation_from_the_dense_model_runs_and_resumes_alike(tmp_path: Path) -> None:
+    """``lhspg.distill`` / ``recovery.distill`` (issue 9): a frozen dense copy is the teacher; the run is exact and
+    deterministic (two runs give the same weights)."""
+    spec = spec_of({"lhspg": {"distill": 0.5}, "recovery": {"distill": 0.5}})
+    a = run(spec, tmp_path / "a", roots=Roots(), work_dir=tmp_path / "wa")
+    b = run(spec, tmp_path / "b", roots=Roots(), work_dir=tmp_path / "wb")
+    assert a.summary["max_abs_logit_diff"] < 1e-4 and a.summary == b.summary
+    assert a.report["memory_estimate_bytes"] > 4 * a.summary["params_before"] * 2  # the teacher's weights counted

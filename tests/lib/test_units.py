@@ -290,3 +290,17 @@ def test_run_state_and_checkpoint_round_trip(tmp_path) -> None:
 
     with pytest.raises(CheckpointError, match="different spec"):
         runstate.load(tmp_path / "ck", "other")
+
+
+# distillation (issue 9 lever) ----------------------------------------------------------------------------------------
+def test_distillation_loss_by_hand() -> None:
+    from lorashear.training import distillation_loss
+
+    teacher = torch.tensor([[[0.0, 0.0], [0.0, 0.0], [5.0, 5.0]]])  # uniform at the two scored positions
+    student = torch.tensor([[[math.log(3.0), 0.0], [0.0, 0.0], [1.0, 0.0]]])  # (3/4, 1/4), then uniform
+    labels = torch.tensor([[0, 1, 1]])
+    # position 0: KL((1/2, 1/2) || (3/4, 1/4)) = 1/2 log(4/3); position 1: 0; mean over the 2 scored positions
+    assert float(distillation_loss(student, teacher, labels)) == pytest.approx(0.25 * math.log(4 / 3))
+    labels[0, 2] = -100  # position 1 no longer scored
+    assert float(distillation_loss(student, teacher, labels)) == pytest.approx(0.5 * math.log(4 / 3))
+    assert float(distillation_loss(teacher, teacher, torch.tensor([[0, 1, 1]]))) == pytest.approx(0.0, abs=1e-7)
