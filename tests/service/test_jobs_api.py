@@ -36,6 +36,11 @@ BAD_SPECS = [
     (_spec(data={"calibration": "tinystories/missing.txt"}), "data.calibration", "data_error"),
     (_spec(data={"eval": "tinystories/train_dialogue.txt"}), "data.eval", "config_error"),
     (_spec(adapter="no-such-adapter"), "adapter", "config_error"),
+    # zero-shot tasks are checked at submission, never a failed job an hour later (issue 6)
+    (_spec(evaluation={"zeroshot": {"tasks": ["piqa", "mmlu"]}}), "evaluation.zeroshot.tasks[1]", "config_error"),
+    (_spec(evaluation={"zeroshot": {"task_dir": "tinystories"}}), "evaluation.zeroshot.task_dir", "data_error"),
+    (_spec(lhspg={"importance": "oracle"}), "lhspg.importance", "config_error"),
+    (_spec(recovery={"distill": 1.5}), "recovery.distill", "config_error"),
     (_spec(runtime={"device": "tpu"}), "runtime.device", "config_error"),
     (_spec(seed=-1), "seed", "config_error"),
     (_spec(version=99), "version", "config_error"),

@@ -44,6 +44,9 @@ def test_job_succeeds_with_summary_metrics(finished: dict) -> None:
         assert isinstance(s[key], (int, float)), key
     assert s["params_after"] < s["params_before"]
     assert abs(s["compression_ratio"] - 0.2) < 0.02
+    # zero-shot (lm-eval) and measured speed, dense vs final, by default (issue 6)
+    assert 0 <= s["zeroshot_avg_dense"] <= 1 and 0 <= s["zeroshot_avg_final"] <= 1
+    assert s["decode_speedup_b1"] > 0 and s["ideal_speedup_flops"] > 1
     assert finished["attempt"] == 1 and finished["error"] is None
     assert finished["progress"]["fraction"] == 1.0 and finished["stage"] == "export"
     assert finished["started_at"] and finished["finished_at"] >= finished["started_at"]
@@ -61,7 +64,7 @@ def test_metrics_are_named_series(client, finished: dict) -> None:
     assert list(only) == ["lhspg/loss"]
 
 
-def test_events_paged_and_streamed(client, finished: dict) -> None:
+def test_events_paged_and_streamed(client, stack, finished: dict) -> None:
     job_id = finished["id"]
     first = client.get(f"/v1/jobs/{job_id}/events", params={"limit": 5}).json()
     assert len(first["data"]) == 5 and first["has_more"]
@@ -75,6 +78,10 @@ def test_events_paged_and_streamed(client, finished: dict) -> None:
     assert ids == sorted(ids) and len(set(ids)) == len(ids)
     stages = [e["stage"] for e in events if e["kind"] == "stage_start"]
     assert stages == ["load", "discover", "analyze", "prune", "compress", "recover", "evaluate", "export"]
+    # issue 7, item 10: no event names a server path (the temporary tree holds the roots, artifacts and work dirs)
+    server_paths = [str(stack.tmp), str(stack.tmp.resolve()), "/work/", "site-packages"]
+    leaks = [e for e in events for p in server_paths if p in json.dumps(e)]
+    assert not leaks, leaks[:3]
 
     # The same events as Server-Sent Events, twice: by Accept header and by ?stream=true.
     for kwargs in ({"headers": {"Accept": "text/event-stream"}}, {"params": {"stream": "true"}}):
