@@ -8,7 +8,6 @@ the sizes, the data (:class:`JobData`), where the weights came from, and the pea
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -177,7 +176,6 @@ def load(
     roots: Roots | None = None,
     *,
     hooks: Hooks | None = None,
-    on_base: Callable[[nn.Module], None] | None = None,
 ) -> LoadedJob:
     """Check the spec against the roots, load the model, attach LoRA, read the data.
 
@@ -185,8 +183,6 @@ def load(
         spec: the job spec.
         roots: where model and data names resolve (default: environment or bundled assets).
         hooks: progress events (optional).
-        on_base: called with the loaded model before LoRA is attached (the pipeline measures the dense speed
-            there: unmerged LoRA branches would slow the dense reference down).
 
     Returns:
         :class:`LoadedJob`.
@@ -225,8 +221,6 @@ def load(
             if value > limit:
                 raise ConfigError(f"{fld}: {value} tokens exceed the model's context of {limit}", field=fld)
     tokenizer = load_tokenizer(checked.model_path)
-    if on_base is not None:
-        on_base(base)
     teacher = copy.deepcopy(base).requires_grad_(False).eval() if spec.lhspg.distill or spec.recovery.distill else None
     model = attach_lora(base, spec.lora, adapter=roots.adapter(spec.adapter) if spec.adapter else None)
     hooks.emit(STAGE, "progress", 2, 3, "LoRA attached")

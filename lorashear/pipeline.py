@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from lorashear import runstate
 from lorashear.analysis import analyze
@@ -32,10 +31,11 @@ from lorashear.checkpoint import spec_hash
 from lorashear.compression import compress, export, load_exported
 from lorashear.config import JobSpec
 from lorashear.errors import ConfigError
-from lorashear.evaluation import evaluate, mean_loss, measure_speed, speed_metrics, zeroshot_metrics
+from lorashear.evaluation import evaluate, mean_loss, measure_speed_pair, speed_metrics, zeroshot_metrics
 from lorashear.events import STAGES, CancelHook, EventHook, Hooks, LoopState
 from lorashear.graph import discover
 from lorashear.inputs import load
+from lorashear.modeling import load_model
 from lorashear.optim import prune, set_quotas
 from lorashear.recovery import recover, recovery_stages
 from lorashear.report import RunResult, build_report, peak_memory_mib, publish, staging_dir, summary
@@ -76,15 +76,10 @@ class _Composer:
         self.hooks.emit(stage, "log", message=f"perplexity ({label}) {res.perplexity.perplexity:.3f}", metrics=metrics)
         return res
 
-    def _dense_speed(self, base: nn.Module) -> None:
-        self.state.dense_speed = measure_speed(base, cfg=self.spec.evaluation.speed, seed=self.spec.seed)
-        metrics = speed_metrics(self.state.dense_speed, "speed/dense")
-        self.hooks.emit("load", "log", message="dense speed measured", metrics=metrics)
-
     # stages ---------------------------------------------------------------------------------------------------
-    def setup(self, dense_speed: bool) -> None:
+    def setup(self) -> None:
         t0 = time.time()
-        self.job = load(self.spec, self.roots, hooks=self.hooks, on_base=self._dense_speed if dense_speed else None)
+        self.job = load(self.spec, self.roots, hooks=self.hooks)
         self._timed("load", t0)
         t0, st = time.time(), self.spec.structures
         self.hooks.emit("discover", "stage_start", 0, 1, "tracing the model")
@@ -151,7 +146,6 @@ class _Composer:
         if resumed is None:
             return None
         resumed.state.timings.update(self.state.timings)  # this attempt's load and discovery
-        resumed.state.dense_speed = resumed.state.dense_speed or self.state.dense_speed
         self.state = resumed.state
         resumed.apply(self.job.model, self.structures, self.gen)
         done = self.state.stage_done
@@ -160,7 +154,7 @@ class _Composer:
 
     def execute(self) -> RunResult:
         resumed = runstate.load(self.ckpt_dir, self.state.spec_hash)
-        self.setup(self.spec.evaluation.speed.enabled and (resumed is None or resumed.state.dense_speed is None))
+        self.setup()
         loop = self.resume(resumed)
         stages = (self.stage_analyze, self.stage_prune, self.stage_compress, self.stage_recover, self.stage_evaluate)
         for fn in stages:
@@ -188,16 +182,16 @@ class _Composer:
             input_dtype=job.input_dtype, input_bytes=input_bytes,
         )  # fmt: skip
         self.hooks.emit("export", "progress", 1, 2, "reload checked")
-        final_speed = None
-        if state.dense_speed is not None:  # measured on what a user downloads, in the dense model's dtype
+        speed = None
+        if self.spec.evaluation.speed.enabled:  # the input and what a user downloads, interleaved, in one dtype
+            dense = load_model(job.model_path, dtype=job.dtype, device=job.device)
             final = load_exported(staging, dtype=job.dtype, device=job.device)
-            final_speed = measure_speed(final, cfg=self.spec.evaluation.speed, seed=self.spec.seed)
-            self.hooks.emit(
-                "export", "log", message="final speed measured", metrics=speed_metrics(final_speed, "speed/final")
-            )
+            speed = measure_speed_pair(dense, final, cfg=self.spec.evaluation.speed, seed=self.spec.seed)
+            metrics = speed_metrics(speed[0], "speed/dense") | speed_metrics(speed[1], "speed/final")
+            self.hooks.emit("export", "log", message="speed measured", metrics=metrics)
         assert state.compression is not None
         self._timed("export", t0)
-        report = build_report(self.spec, state, job, self.structures, self.quotas, ex, final_speed)
+        report = build_report(self.spec, state, job, self.structures, self.quotas, ex, speed)
         plan = {**state.compression.plan, "model": self.spec.model}
         artifacts = {name: self.output_dir / rel for name, rel in ex.artifacts.items()}
         artifacts |= publish(staging, self.output_dir, {"plan.json": plan, "report.json": report})

@@ -113,7 +113,7 @@ def build_report(
     structures: Structures,
     quotas: Quotas,
     exported: ExportResult,
-    final_speed: SpeedResult | None = None,
+    speed: tuple[SpeedResult, SpeedResult] | None = None,
 ) -> dict[str, Any]:
     """The content of ``report.json``; ``zeroshot`` and ``speed`` compare the dense and the final model (issue 6)."""
     import peft
@@ -128,7 +128,7 @@ def build_report(
         "lorashear_version": lorashear.__version__,
         "spec": spec.to_dict(),
         "zeroshot": zeroshot_section(zs_dense, zs_final) if zs_dense and zs_final else None,
-        "speed": speed_section(state.dense_speed, final_speed) if state.dense_speed and final_speed else None,
+        "speed": speed_section(*speed) if speed else None,
         "model": {
             "name": spec.model,
             "shape": structures.shape.__dict__,

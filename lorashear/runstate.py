@@ -20,7 +20,6 @@ from torch import nn
 from lorashear import checkpoint as ckpt
 from lorashear.analysis import Analysis
 from lorashear.compression import CompressionResult, apply_removed
-from lorashear.evaluation.speed import SpeedResult
 from lorashear.evaluation.stage import EvaluationResult
 from lorashear.events import STAGES, LoopState
 from lorashear.graph import Structures
@@ -35,7 +34,6 @@ _RESULTS: dict[str, Any] = {
     "pruned": EvaluationResult,
     "recovery": RecoveryResult,
     "final": EvaluationResult,
-    "dense_speed": SpeedResult,
 }
 """Result fields of :class:`RunState` and their types (each has ``to_dict`` / ``from_dict``)."""
 
@@ -51,7 +49,6 @@ class RunState:
         reference_losses: the dense model's validation loss per recovery sub-dataset, nats per token.
         analysis / prune / compression / recovery: the stage results.
         pruned: evaluation after compression, before recovery. final: after recovery.
-        dense_speed: measured speed of the dense model (before LoRA is attached; issue 6).
         timings: per stage ``{"wall_s", "cpu_peak_rss_mib", ...}``.
     """
 
@@ -65,7 +62,6 @@ class RunState:
     pruned: EvaluationResult | None = None
     recovery: RecoveryResult | None = None
     final: EvaluationResult | None = None
-    dense_speed: SpeedResult | None = None
     timings: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def done(self, stage: str) -> bool:

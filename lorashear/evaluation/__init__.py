@@ -26,6 +26,7 @@ _LAZY = {
     "zeroshot_metrics": "lorashear.evaluation.zeroshot",
     "SpeedResult": "lorashear.evaluation.speed",
     "measure_speed": "lorashear.evaluation.speed",
+    "measure_speed_pair": "lorashear.evaluation.speed",
     "ideal_speedup": "lorashear.evaluation.speed",
     "compare_speed": "lorashear.evaluation.speed",
     "speed_section": "lorashear.evaluation.speed",

@@ -213,41 +213,69 @@ def measure_speed(model: nn.Module, *, cfg: SpeedConfig, vocab_size: int | None 
         ConfigError: ``prompt_len + new_tokens`` exceeds the model's context (``field``
             ``evaluation.speed.prompt_len``).
     """
+    return _measure([model], cfg=cfg, vocab_size=vocab_size, seed=seed)[0]
+
+
+def measure_speed_pair(
+    dense: nn.Module, final: nn.Module, *, cfg: SpeedConfig, vocab_size: int | None = None, seed: int = 0
+) -> tuple[SpeedResult, SpeedResult]:
+    """Measure two models interleaved: every repeat times the dense model, then the final one, on the same inputs,
+    so load from other work on the machine falls on both alike (measured apart, a shared CPU swung single
+    measurements by 100x; issue 6). Arguments and errors as :func:`measure_speed`.
+
+    Returns:
+        ``(dense result, final result)``.
+    """
+    a, b = _measure([dense, final], cfg=cfg, vocab_size=vocab_size, seed=seed)
+    return a, b
+
+
+def _measure(
+    models: list[nn.Module], *, cfg: SpeedConfig, vocab_size: int | None = None, seed: int = 0
+) -> list[SpeedResult]:
     load_before = _load_average()
-    limit = _context_limit(model)
-    if limit is not None and cfg.prompt_len + cfg.new_tokens > limit:
-        raise ConfigError(
-            f"evaluation.speed.prompt_len: prompt_len {cfg.prompt_len} + new_tokens {cfg.new_tokens} exceeds the "
-            f"model's context of {limit} tokens",
-            field="evaluation.speed.prompt_len",
-        )
-    vocab = vocab_size or int(cast(Any, model).config.vocab_size)
-    param = next(model.parameters())
+    for model in models:
+        limit = _context_limit(model)
+        if limit is not None and cfg.prompt_len + cfg.new_tokens > limit:
+            raise ConfigError(
+                f"evaluation.speed.prompt_len: prompt_len {cfg.prompt_len} + new_tokens {cfg.new_tokens} exceeds "
+                f"the model's context of {limit} tokens",
+                field="evaluation.speed.prompt_len",
+            )
+    vocab = vocab_size or int(cast(Any, models[0]).config.vocab_size)
+    param = next(models[0].parameters())
     device = param.device
     gen = torch.Generator().manual_seed(seed)
-    cache_kw = _cache_kwarg(model)
-    was_training = model.training
-    model.eval()
-    rows: list[SpeedRow] = []
+    cache_kws = [_cache_kwarg(m) for m in models]
+    was_training = [m.training for m in models]
+    for m in models:
+        m.eval()
+    rows: list[list[SpeedRow]] = [[] for _ in models]
     try:
         for b in cfg.batch_sizes:
             ids = torch.randint(0, vocab, (b, cfg.prompt_len), generator=gen).to(device)
-            for _ in range(cfg.warmup):
-                _one_run(model, ids, cfg.new_tokens, cache_kw)
-            runs = [_one_run(model, ids, cfg.new_tokens, cache_kw) for _ in range(cfg.repeats)]
-            pre = statistics.median(r[0] for r in runs)
-            dec = statistics.median(r[1] for r in runs)
-            rows.append(
-                SpeedRow(
-                    batch=b,
-                    prefill_tokens_per_s=b * cfg.prompt_len / max(pre, 1e-9),
-                    decode_tokens_per_s=b * cfg.new_tokens / max(dec, 1e-9),
-                    prefill_s=pre,
-                    decode_s=dec,
+            for m, kw in zip(models, cache_kws, strict=True):
+                for _ in range(cfg.warmup):
+                    _one_run(m, ids, cfg.new_tokens, kw)
+            runs: list[list[tuple[float, float]]] = [[] for _ in models]
+            for _ in range(cfg.repeats):  # interleaved: each repeat times every model once, in turn
+                for i, (m, kw) in enumerate(zip(models, cache_kws, strict=True)):
+                    runs[i].append(_one_run(m, ids, cfg.new_tokens, kw))
+            for i in range(len(models)):
+                pre = statistics.median(r[0] for r in runs[i])
+                dec = statistics.median(r[1] for r in runs[i])
+                rows[i].append(
+                    SpeedRow(
+                        batch=b,
+                        prefill_tokens_per_s=b * cfg.prompt_len / max(pre, 1e-9),
+                        decode_tokens_per_s=b * cfg.new_tokens / max(dec, 1e-9),
+                        prefill_s=pre,
+                        decode_s=dec,
+                    )
                 )
-            )
     finally:
-        model.train(was_training)
+        for m, was in zip(models, was_training, strict=True):
+            m.train(was)
     protocol = {
         "prompt_len": cfg.prompt_len,
         "new_tokens": cfg.new_tokens,
@@ -255,6 +283,7 @@ def measure_speed(model: nn.Module, *, cfg: SpeedConfig, vocab_size: int | None 
         "warmup": cfg.warmup,
         "repeats": cfg.repeats,
         "statistic": "median",
+        "interleaved": len(models) > 1,
         "timer": "time.perf_counter" + (" + cuda.synchronize" if device.type == "cuda" else ""),
         "inputs": f"uniform random token ids in [0, {vocab}), seed {seed}",
         "decoding": "greedy, KV cache (use_cache=True), prefill logits of the last position only",
@@ -265,13 +294,16 @@ def measure_speed(model: nn.Module, *, cfg: SpeedConfig, vocab_size: int | None 
         "load_average_1m": [load_before, _load_average()],
         "torch_version": torch.__version__,
     }
-    return SpeedResult(
-        rows=rows,
-        params=count_params(model),
-        flops_prefill=forward_flops_per_token(model, (cfg.prompt_len + 1) / 2),
-        flops_decode=forward_flops_per_token(model, cfg.prompt_len + (cfg.new_tokens + 1) / 2),
-        protocol=protocol,
-    )
+    return [
+        SpeedResult(
+            rows=r,
+            params=count_params(m),
+            flops_prefill=forward_flops_per_token(m, (cfg.prompt_len + 1) / 2),
+            flops_decode=forward_flops_per_token(m, cfg.prompt_len + (cfg.new_tokens + 1) / 2),
+            protocol=dict(protocol),
+        )
+        for m, r in zip(models, rows, strict=True)
+    ]
 
 
 def ideal_speedup(dense: SpeedResult, final: SpeedResult) -> dict[str, float]:
