@@ -216,7 +216,7 @@ def export(
         model: the pruned PEFT model; with ``merge_lora`` the LoRA is merged into it (it is consumed).
         tokenizer: saved beside every model directory (``None``: not saved).
         cfg: merge / adapter / dtype choices.
-        directory: an existing, empty directory.
+        directory: where ``model/`` (and ``adapter/``, ``pruned_base/``) are written; created if missing.
         probe_ids: ``(B, T)`` token ids for the merge, sanity and reload checks.
         input_dtype: dtype of the input's weights; ``export.dtype: auto`` stores in it (float32 when unknown).
         input_bytes: size of the input's weight files; the export must be smaller.
@@ -230,6 +230,7 @@ def export(
         ConfigError: the exported weights are not smaller than the input's (``export.dtype``).
     """
     directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
     peft_model = cast(Any, model)
     dtype = DTYPES.get(cfg.dtype) or input_dtype or torch.float32
     probe = probe_ids.to(next(model.parameters()).device)
