@@ -97,7 +97,11 @@ def test_worker_kill9_ten_times(make_stack, pg_url, tmp_path) -> None:
                 if j["attempt"] != k or j["status"] != "running":
                     return j["status"] in ("succeeded", "failed", "cancelled")
                 events = c.get(f"/v1/jobs/{job['id']}/events", params={"limit": 1000}).json()["data"]
-                return sum(1 for e in events if e["attempt"] == k and e["kind"] == "progress") >= 6
+                # six LHSPG steps of this attempt: past a checkpoint (every 5 steps), so the next attempt resumes
+                # from it (counting every progress event killed some attempts inside the analysis, before any
+                # checkpoint existed, and none resumed)
+                steps = [e for e in events if e["attempt"] == k and e["kind"] == "progress" and e["stage"] == "prune"]
+                return len(steps) >= 6
 
             state = wait_for(c, job["id"], progressed, 600, f"attempt {k} to make progress")
             if state["status"] != "running":
