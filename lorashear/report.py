@@ -6,7 +6,6 @@ report is built from the typed stage results (:class:`~lorashear.runstate.RunSta
 
 from __future__ import annotations
 
-import hashlib
 import os
 import platform
 import resource
@@ -23,6 +22,7 @@ from lorashear.compression import ExportResult
 from lorashear.config import JobSpec
 from lorashear.errors import ConfigError
 from lorashear.evaluation.speed import SpeedResult, speed_section
+from lorashear.evaluation.tasks import sha256_file
 from lorashear.evaluation.zeroshot import zeroshot_section
 from lorashear.graph import Structures
 from lorashear.inputs import LoadedJob
@@ -47,15 +47,6 @@ class RunResult:
     report: dict[str, Any]
     artifacts: dict[str, Path]
     output_dir: Path
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def peak_memory_mib(device: torch.device) -> dict[str, float]:
