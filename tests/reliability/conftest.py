@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from service.commands import MIGRATE_ARGV
-from service.conftest import ROOT, Stack, _argv, pg_url, redis_client  # noqa: F401  (fixtures re-exported)
+from service.conftest import ROOT, Stack, _argv, fresh_database, redis_client  # noqa: F401  (fixtures re-exported)
 from service.helpers import API_KEY
 
 FIGURES: dict[str, object] = {}
@@ -210,3 +210,12 @@ def make_stack(tmp_path: Path) -> Iterator:
         if os.environ.get("SERVICE_TEST_LOGS"):
             for name in ("api", *(f"worker{i}" for i in range(1, s.workers_started + 1))):
                 print(f"===== {name} =====\n{s.log(name)}")
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A fresh database per test: the 200 jobs the concurrent-POST tests leave queued in a shared database were
+    re-sent by the next test's reconciler and ran ahead of that test's own jobs (a Redis-restart and a kill -9 test
+    timed out behind them)."""
+    with fresh_database() as url:
+        yield url

@@ -10,6 +10,7 @@ point elsewhere.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -41,8 +42,8 @@ def _argv(argv: list[str]) -> list[str]:
     return [_bin(argv[0]), *argv[1:]]
 
 
-@pytest.fixture(scope="session")
-def pg_url() -> Iterator[str]:
+@contextlib.contextmanager
+def fresh_database() -> Iterator[str]:
     """A fresh database ``lorashear_test_<hex>`` migrated with the compose ``migrate`` command; dropped after."""
     import psycopg
 
@@ -64,6 +65,13 @@ def pg_url() -> Iterator[str]:
         )
         admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
         admin.close()
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    """One fresh migrated database for the service tests (:func:`fresh_database`)."""
+    with fresh_database() as url:
+        yield url
 
 
 @pytest.fixture(scope="session")
