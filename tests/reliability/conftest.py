@@ -12,14 +12,12 @@ import socket
 import subprocess
 import tempfile
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from service.commands import MIGRATE_ARGV
-from service.conftest import ROOT, Stack, _argv, fresh_database, redis_client  # noqa: F401  (fixtures re-exported)
-from service.helpers import API_KEY
+from service.conftest import ROOT, Stack, _argv, fresh_database, redis_client, stack_env  # noqa: F401  (re-exported)
 
 FIGURES: dict[str, object] = {}
 """Name -> figure; printed by :func:`pytest_terminal_summary` and written to ``$RELIABILITY_FIGURES`` if set."""
@@ -162,33 +160,6 @@ def private_redis() -> Iterator[PrivateRedis]:
         yield r
     finally:
         r.destroy()
-
-
-def stack_env(tmp: Path, *, database_url: str, broker_url: str, **extra: str) -> dict[str, str]:
-    """The service stack's environment (as tests/service/conftest.py builds it) with overrides."""
-    from jobs.settings import hash_key
-
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith(("LORASHEAR_", "VAR_DIR"))},
-        "DATABASE_URL": database_url,
-        "BROKER_URL": broker_url,
-        "CELERY_QUEUE": f"lorashear-rel-{uuid.uuid4().hex[:8]}",
-        "ARTIFACT_ROOT": str(tmp / "artifacts"),
-        "WORK_ROOT": str(tmp / "work"),
-        "VAR_DIR": str(tmp / "var"),
-        "API_KEY_HASHES": f"tests:{hash_key(API_KEY)}",
-        "HEARTBEAT_INTERVAL": "1",
-        "STALE_AFTER": "6",
-        "RECONCILE_INTERVAL": "2",
-        "REQUEUE_QUEUED_AFTER": "8",
-        "JOB_TIME_LIMIT": "900",
-        "SSE_POLL_INTERVAL": "0.2",
-        "PYTHONUNBUFFERED": "1",
-        "OMP_NUM_THREADS": "1",
-        "MKL_NUM_THREADS": "1",
-    }
-    env.update(extra)
-    return env
 
 
 @pytest.fixture

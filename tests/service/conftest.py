@@ -167,18 +167,16 @@ class Stack:
         return path.read_text(errors="replace")[-8000:] if path.exists() else ""
 
 
-@pytest.fixture(scope="session")
-def stack(pg_url: str, redis_client, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    """API + worker on PostgreSQL and Redis, with short heartbeat/reconcile intervals."""
+def stack_env(tmp: Path, *, database_url: str, broker_url: str, **extra: str) -> dict[str, str]:
+    """The service stack's environment: a per-run queue, roots under ``tmp``, the test API key, short heartbeat and
+    reconcile intervals, one torch thread; ``extra`` overrides any of it."""
     from jobs.settings import hash_key
 
-    tmp = tmp_path_factory.mktemp("stack")
-    queue = f"lorashear-test-{uuid.uuid4().hex[:8]}"
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith(("LORASHEAR_", "VAR_DIR"))},
-        "DATABASE_URL": pg_url,
-        "BROKER_URL": REDIS_URL,
-        "CELERY_QUEUE": queue,
+        "DATABASE_URL": database_url,
+        "BROKER_URL": broker_url,
+        "CELERY_QUEUE": f"lorashear-test-{uuid.uuid4().hex[:8]}",
         "ARTIFACT_ROOT": str(tmp / "artifacts"),
         "WORK_ROOT": str(tmp / "work"),
         "VAR_DIR": str(tmp / "var"),
@@ -186,12 +184,23 @@ def stack(pg_url: str, redis_client, tmp_path_factory: pytest.TempPathFactory) -
         "HEARTBEAT_INTERVAL": "1",
         "STALE_AFTER": "6",
         "RECONCILE_INTERVAL": "2",
-        "REQUEUE_QUEUED_AFTER": "20",
+        "REQUEUE_QUEUED_AFTER": "8",
         "JOB_TIME_LIMIT": "900",
         "SSE_POLL_INTERVAL": "0.2",
         "PYTHONUNBUFFERED": "1",
-        "OMP_NUM_THREADS": "2",
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
     }
+    env.update(extra)
+    return env
+
+
+@pytest.fixture(scope="session")
+def stack(pg_url: str, redis_client, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """API + worker on PostgreSQL and Redis, with short heartbeat/reconcile intervals."""
+    tmp = tmp_path_factory.mktemp("stack")
+    env = stack_env(tmp, database_url=pg_url, broker_url=REDIS_URL, REQUEUE_QUEUED_AFTER="20", OMP_NUM_THREADS="2")
+    queue = env["CELERY_QUEUE"]
     s = Stack(env, tmp, queue)
     try:
         s.start_api()
