@@ -1,7 +1,9 @@
 """LoRAShear: structured pruning and knowledge recovery for LoRA-adapted LLaMA-family models.
 
 Importing the package is cheap: it imports neither torch nor transformers and prints nothing. Torch-backed names
-(``run``, ``discover``, ...) load on first access.
+(``run``, ``discover``, ...) load on first access. Importing it also registers the per-layer model classes
+(:mod:`lorashear.per_layer`) with transformers' auto classes once those are imported, so per-layer exports load
+with ``AutoModelForCausalLM.from_pretrained``.
 
 Paper: Chen et al., "LoRAShear: Efficient Large Language Model Structured Pruning and Knowledge Recovery",
 arXiv 2310.18356 (2023).
@@ -12,6 +14,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from lorashear._autoregister import install as _install_auto_registration
 from lorashear.config import JobSpec, load_spec_file
 from lorashear.errors import (
     AdapterMismatchError,
@@ -24,6 +27,7 @@ from lorashear.errors import (
 )
 
 __version__ = "0.1.0"
+_install_auto_registration()
 
 _LAZY = {
     # the pipeline and its stage verbs, in order (README, "Library")

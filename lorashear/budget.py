@@ -107,8 +107,25 @@ class ModelShape:
 
 
 @dataclass(frozen=True)
+class LayerQuota:
+    """Units one decoder layer loses in the per-layer layout.
+
+    Attributes:
+        layer: decoder layer index.
+        kv_groups: KV groups (heads, for MHA) removed.
+        query_heads_per_group: query heads removed from each surviving KV group (GQA only).
+        channels: MLP intermediate channels removed.
+    """
+
+    layer: int
+    kv_groups: int
+    query_heads_per_group: int
+    channels: int
+
+
+@dataclass(frozen=True)
 class Quotas:
-    """Units removed from every layer (uniform layout) and the resulting sizes.
+    """Units removed from every layer (uniform layout) or from each layer (``layers``) and the resulting sizes.
 
     Attributes:
         kv_groups: KV groups (heads, for MHA) removed per layer.
@@ -117,6 +134,8 @@ class Quotas:
         hidden: hidden dimensions removed (model-wide).
         params_before / params_after / params_target: parameter counts.
         tolerance: half of the finest budget step (one unit in every layer), in parameters.
+        kept: resulting sizes; in the per-layer layout the per-layer sizes are lists (one entry per layer).
+        layers: per-layer layout only: what each layer loses (the uniform fields then hold the largest quota).
     """
 
     kv_groups: int
@@ -127,14 +146,33 @@ class Quotas:
     params_after: int
     params_target: int
     tolerance: int
-    kept: dict[str, int]
+    kept: dict[str, Any]
+    layers: tuple[LayerQuota, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Quotas:
+        """Inverse of :meth:`to_dict`."""
+        layers = tuple(LayerQuota(**q) for q in data.get("layers", ()))
+        return cls(**{**data, "layers": layers})
+
+    def for_layer(self, layer: int | None) -> LayerQuota:
+        """What ``layer`` loses (the uniform quota when there is no per-layer plan or ``layer`` is None)."""
+        if self.layers and layer is not None:
+            return self.layers[layer]
+        return LayerQuota(-1 if layer is None else layer, self.kv_groups, self.query_heads_per_group, self.channels)
+
     def describe(self) -> str:
         """One line: what every layer loses."""
+        if self.layers:
+            heads, inter = self.kept["num_attention_heads"], self.kept["intermediate_size"]
+            return (
+                f"per-layer quotas: attention heads kept {min(heads)}-{max(heads)} (total {sum(heads)}), MLP channels "
+                f"kept {min(inter)}-{max(inter)} (total {sum(inter)})"
+            )
         return (
             f"quotas per layer: {self.kv_groups} KV groups, {self.query_heads_per_group} query heads per group, "
             f"{self.channels} channels, {self.hidden} hidden dims"
@@ -287,4 +325,179 @@ def plan_quotas(shape: ModelShape, target_ratio: float, structures: StructureCon
             "hidden_size": s.hidden_size - h_rm,
             "head_dim": s.head_dim,
         },
+    )
+
+
+def _attn_params(s: ModelShape, kv: int, rep: int) -> int:
+    """Attention parameters of one layer with ``kv`` KV heads of ``rep`` query heads each (biases included)."""
+    q, kvw, h = kv * rep * s.head_dim, kv * s.head_dim, s.hidden_size
+    return 2 * h * q + 2 * h * kvw + (q + 2 * kvw) * s.qkv_bias
+
+
+def _mlp_params(s: ModelShape, channels: int) -> int:
+    """MLP parameters of one layer with ``channels`` intermediate channels (biases included)."""
+    return 3 * s.hidden_size * channels + 2 * channels * s.mlp_bias
+
+
+def plan_layer_quotas(
+    shape: ModelShape,
+    target_ratio: float,
+    structures: StructureConfig,
+    gamma: float,
+    layer_map: list[dict[str, Any]],
+) -> Quotas:
+    """Per-layer quotas: each layer node group loses what the knowledge-distribution analysis says it can spare.
+
+    Issue 9 ("the knowledge-distribution analysis decides nothing today"); the paper's section 3.2 ranks layers by
+    the same measurement. Model: removing the fraction ``r`` of node group ``g`` (attention or MLP of one layer, with
+    ``P`` parameters) raises the loss by ``d * (r / a) ** 2``, where ``d`` is the deviation the analysis measured with
+    the fraction ``a`` ablated (``layer_map``). Minimising the summed loss rise for a parameter budget gives
+    ``r = c * P * a**2 / d``; ``structures.sensitivity_exponent`` (``e``) tempers it to ``r = c * (P a^2 / d) ** e``,
+    capped by what gamma leaves prunable, with ``c`` found by bisection. The fractions are then rounded to whole
+    KV groups / query heads (attention, carrying the rounding error from layer to layer) and channel multiples
+    (MLP, which absorb the remainder so the total lands within half a channel step of the target).
+
+    Args:
+        shape: the dense model's sizes.
+        target_ratio: fraction 0-1 of the parameters to remove.
+        structures: enabled kinds, attention unit, channel multiple, exponent.
+        gamma: unprunable ratio (fraction of each set's groups that stays).
+        layer_map: :attr:`~lorashear.analysis.Analysis.layer_map` rows (``layer``, ``node_group``,
+            ``ablated_groups``, ``deviation`` in nats).
+
+    Returns:
+        :class:`Quotas` with ``layers`` set and per-layer ``kept`` lists.
+
+    Raises:
+        TargetNotExpressibleError: the target is beyond what gamma leaves prunable.
+    """
+    s = shape
+    rep = s.n_rep
+    inter = s.intermediate_size
+    m = structures.channel_multiple
+    before = s.total_params
+    target_after = round(before - target_ratio * before)
+    fixed = before - s.num_layers * (_attn_params(s, s.num_kv_heads, rep) + _mlp_params(s, inter))
+    budget = before - target_after  # parameters to remove from the layers
+
+    # attention options of one layer: (kv removed, query heads removed per kept group) -> params removed
+    attn_opts: list[tuple[int, int]] = [(0, 0)]
+    if structures.attention:
+        kv_max = s.num_kv_heads - _protected(s.num_kv_heads, gamma)
+        q_max = rep - _protected(rep, gamma) if rep > 1 else 0
+        unit = structures.attention_unit
+        attn_opts = [
+            (kv, q)
+            for kv in range(kv_max + 1)
+            for q in range(q_max + 1)
+            if not (unit == "kv_group" and q) and not (unit == "query_head" and rep > 1 and kv)
+        ]
+    p_attn = _attn_params(s, s.num_kv_heads, rep)
+    p_mlp = _mlp_params(s, inter)
+    attn_removed = {o: p_attn - _attn_params(s, s.num_kv_heads - o[0], rep - o[1]) for o in attn_opts}
+    attn_cap = max(attn_removed.values()) / p_attn
+    c_max = inter - _protected(inter, gamma) if structures.mlp else 0
+    c_max -= c_max % m if (inter - c_max) % m else 0
+    mlp_cap = c_max / inter
+
+    # the continuous allocation
+    dev: dict[tuple[int, str], tuple[float, float]] = {}
+    for row in layer_map:
+        n = s.num_kv_heads if row["node_group"] == "attention" else inter
+        a = min(1.0, max(1e-6, row["ablated_groups"] / n))
+        dev[(int(row["layer"]), row["node_group"])] = (max(float(row["deviation"]), 1e-4), a)
+    e = structures.sensitivity_exponent
+    groups: list[tuple[int, str, int, float, float]] = []  # layer, node group, params, weight, cap
+    for layer in range(s.num_layers):
+        for g, p, cap, on in (
+            ("attention", p_attn, attn_cap, structures.attention),
+            ("mlp", p_mlp, mlp_cap, structures.mlp),
+        ):
+            if not on or cap <= 0:
+                continue
+            d, a = dev.get((layer, g), (1.0, 0.5))
+            groups.append((layer, g, p, (p * a * a / d) ** e, cap))
+    if not groups or sum(p * cap for _l, _g, p, _w, cap in groups) < budget:
+        raise TargetNotExpressibleError(
+            f"target_ratio={target_ratio} asks for {budget:,} of {before:,} parameters removed, more than "
+            f"gamma={gamma} leaves prunable in the per-layer layout",
+            field="target_ratio",
+        )
+    wmax = max(w for *_x, w, _c in groups)
+    lo, hi = 0.0, 1.0 / (min(w for *_x, w, _c in groups) / wmax) * 2
+    for _ in range(200):  # bisection on c (in units of 1 / wmax)
+        mid = (lo + hi) / 2
+        got = sum(p * min(cap, mid * w / wmax) for _l, _g, p, w, cap in groups)
+        lo, hi = (mid, hi) if got < budget else (lo, mid)
+    frac = {(lay, g): min(cap, hi * w / wmax) for lay, g, _p, w, cap in groups}
+
+    # rounding: attention to whole options (error carried forward), MLP absorbs the rest
+    kv_rm = [0] * s.num_layers
+    q_rm = [0] * s.num_layers
+    carry = 0.0
+    for layer in range(s.num_layers):
+        want = frac.get((layer, "attention"), 0.0) * p_attn + carry
+        best = min(attn_opts, key=lambda o: (abs(attn_removed[o] - want), o))
+        kv_rm[layer], q_rm[layer] = best
+        carry = want - attn_removed[best]
+    left = budget - sum(attn_removed[(kv_rm[i], q_rm[i])] for i in range(s.num_layers))
+    per_channel = 3 * s.hidden_size + 2 * s.mlp_bias
+    ch = [0] * s.num_layers
+    if structures.mlp:
+        want_total = sum(frac.get((i, "mlp"), 0.0) for i in range(s.num_layers))
+        carry = 0.0
+        for layer in range(s.num_layers):
+            share = frac.get((layer, "mlp"), 0.0) / want_total if want_total else 1.0 / s.num_layers
+            want = share * left / per_channel + carry
+            c = min(c_max, max(0, int(round(want / m)) * m))
+            ch[layer] = c
+            carry = want - c
+        # settle the remainder one channel step at a time, on the layers with the most room
+        for _ in range(s.num_layers * (inter // m + 1)):
+            after = before - sum(attn_removed[(kv_rm[i], q_rm[i])] for i in range(s.num_layers))
+            after -= sum(ch) * per_channel
+            if abs(after - target_after) <= m * per_channel / 2:
+                break
+            grow = after > target_after
+            order = sorted(
+                range(s.num_layers), key=lambda i: -frac.get((i, "mlp"), 0.0) if grow else frac.get((i, "mlp"), 0.0)
+            )
+            for i in order:
+                if (grow and ch[i] + m <= c_max) or (not grow and ch[i] >= m):
+                    ch[i] += m if grow else -m
+                    break
+            else:
+                break
+    layers = tuple(LayerQuota(i, kv_rm[i], q_rm[i], ch[i]) for i in range(s.num_layers))
+    after = fixed + sum(
+        _attn_params(s, s.num_kv_heads - q.kv_groups, rep - q.query_heads_per_group)
+        + _mlp_params(s, inter - q.channels)
+        for q in layers
+    )
+    steps = [v for v in attn_removed.values() if v > 0]
+    tolerance = max(1, (m * per_channel if structures.mlp else min(steps, default=2)) // 2)
+    if abs(after - target_after) > tolerance:
+        raise TargetNotExpressibleError(
+            f"target_ratio={target_ratio}: the per-layer plan reaches {(before - after) / before:.1%} removed "
+            f"(channel_multiple={m}, gamma={gamma})",
+            field="target_ratio",
+        )
+    heads = [(s.num_kv_heads - q.kv_groups) * (rep - q.query_heads_per_group) for q in layers]
+    return Quotas(
+        kv_groups=max(q.kv_groups for q in layers),
+        query_heads_per_group=max(q.query_heads_per_group for q in layers),
+        channels=max(q.channels for q in layers),
+        hidden=0,
+        params_before=before,
+        params_after=after,
+        params_target=target_after,
+        tolerance=tolerance,
+        kept={
+            "num_key_value_heads": [s.num_kv_heads - q.kv_groups for q in layers],
+            "num_attention_heads": heads,
+            "intermediate_size": [inter - q.channels for q in layers],
+            "hidden_size": s.hidden_size,
+            "head_dim": s.head_dim,
+        },
+        layers=layers,
     )

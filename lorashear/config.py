@@ -229,6 +229,10 @@ class LoRAConfig(_Section):
             raise _fail(f"{path}.target_modules", f"duplicate entries in {self.target_modules!r}")
 
 
+LAYOUTS = ("uniform", "per_layer")
+"""Width layouts of the pruned model (issue 9)."""
+
+
 @dataclass
 class StructureConfig(_Section):
     """Which minimally removable structures may be pruned, and how widths are rounded (ALGORITHM.md section 1)."""
@@ -251,6 +255,16 @@ class StructureConfig(_Section):
     attention_share: float | None = None
     """Fraction 0-1 of the removed parameters that should come from attention; ``None`` prunes attention and MLP
     by the same fraction of their parameters (the usual LLM-Pruner/FLAP setting)."""
+    layout: str = "uniform"
+    """``uniform``: every layer keeps the same widths (stock transformers classes load the export). ``per_layer``:
+    each layer's attention and MLP lose what the knowledge-distribution analysis says they can spare
+    (:func:`~lorashear.budget.plan_layer_quotas`; issue 9); the export is a ``lorashear_<family>`` model that
+    ``AutoModelForCausalLM.from_pretrained`` loads once ``lorashear`` is imported. Not with ``hidden``."""
+    sensitivity_exponent: float = 1.0
+    """``per_layer`` only: how strongly the layer map steers the allocation, 0-4. Each layer node group loses the
+    fraction ``c * (params * a**2 / deviation) ** sensitivity_exponent`` (``a``: the analysed ablation fraction,
+    ``c``: set to meet the budget), capped by gamma: 0 gives every node group the same fraction, 1 is the loss
+    optimum when the loss grows with the square of the removed fraction."""
 
     def validate(self, path: str) -> None:
         for name in ("attention", "mlp", "hidden"):
@@ -263,6 +277,17 @@ class StructureConfig(_Section):
         _check_int(f"{path}.hidden_multiple", self.hidden_multiple, 1, 4096)
         if self.attention_share is not None:
             _check_ratio(f"{path}.attention_share", self.attention_share)
+        _check_choice(f"{path}.layout", self.layout, LAYOUTS)
+        if isinstance(self.sensitivity_exponent, bool) or not isinstance(self.sensitivity_exponent, (int, float)):
+            raise _fail(f"{path}.sensitivity_exponent", f"expected a number, got {self.sensitivity_exponent!r}")
+        if not 0 <= self.sensitivity_exponent <= 4:
+            raise _fail(f"{path}.sensitivity_exponent", f"expected 0-4, got {self.sensitivity_exponent!r}")
+        if self.layout == "per_layer" and self.hidden:
+            raise _fail(
+                f"{path}.layout",
+                "per_layer prunes heads and channels per layer; the hidden dimension is "
+                "model-wide: set hidden to false or use the uniform layout",
+            )
 
 
 @dataclass

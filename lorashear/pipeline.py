@@ -26,7 +26,7 @@ import torch
 
 from lorashear import runstate
 from lorashear.analysis import analyze
-from lorashear.budget import plan_quotas
+from lorashear.budget import plan_layer_quotas, plan_quotas
 from lorashear.checkpoint import spec_hash
 from lorashear.compression import compress, export, load_exported
 from lorashear.config import JobSpec
@@ -107,6 +107,18 @@ class _Composer:
         result = self.state.analysis = analyze(*args, batch_size=max(1, min(8, len(windows))), on_step=progress)
         message = f"most sensitive: {result.most_sensitive()}"
         self.hooks.emit("analyze", "stage_end", 1, 1, message, data={"layer_map": result.layer_map})
+        if self._plan_layers():
+            self.hooks.emit("analyze", "log", message=self.quotas.describe(), data={"quotas": self.quotas.to_dict()})
+
+    def _plan_layers(self) -> bool:
+        """Per-layer layout: quotas from the analysed layer map (once the analysis exists; also after a resume)."""
+        st = self.spec.structures
+        if st.layout != "per_layer" or self.state.analysis is None or self.quotas.layers:
+            return False
+        layer_map = self.state.analysis.layer_map
+        self.quotas = plan_layer_quotas(self.job.shape, self.spec.target_ratio, st, self.spec.analysis.gamma, layer_map)
+        self.set_quotas = set_quotas(self.structures, self.quotas)
+        return True
 
     def stage_prune(self, loop: LoopState | None) -> None:
         cfg = self.spec.lhspg
@@ -156,6 +168,7 @@ class _Composer:
         resumed = runstate.load(self.ckpt_dir, self.state.spec_hash)
         self.setup()
         loop = self.resume(resumed)
+        self._plan_layers()
         stages = (self.stage_analyze, self.stage_prune, self.stage_compress, self.stage_recover, self.stage_evaluate)
         for fn in stages:
             name = fn.__name__.removeprefix("stage_")

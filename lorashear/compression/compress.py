@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lorashear import per_layer
 from lorashear.compression.slicing import check_exact, kept_indices, make_plan, rescale_norms_, slice_
 from lorashear.errors import ExactnessError
 from lorashear.graph import Structures
@@ -69,7 +70,10 @@ def apply_removed(model: nn.Module, structures: Structures, removed: dict[str, l
         if s.kind == "hidden_dim" and removed.get(s.key):
             norms = [sl.param for sl in s.slices if sl.role == "consumer" and sl.param in s.meta.get("norms", [])]
             rescale_norms_(model, norms, hidden_before, cfg.hidden_size)
-    return make_plan(kept, cfg.to_dict(), norms=norms, hidden_before=hidden_before)
+    sizes = per_layer.layer_sizes(model)
+    uniform = all(len(set(v)) == 1 for v in sizes.values())
+    per_layer_sizes = None if uniform else {f"layer_{k}": v for k, v in sizes.items()}
+    return make_plan(kept, cfg.to_dict(), norms=norms, hidden_before=hidden_before, layer_sizes=per_layer_sizes)
 
 
 def exactness_dtype(model: nn.Module, compute: torch.dtype) -> torch.dtype:

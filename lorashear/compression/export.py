@@ -69,9 +69,24 @@ def stock_loadable(model: nn.Module) -> tuple[nn.Module, str | None]:
     SwiGLU), and the model is re-expressed as it. The export's reload check compares logits, so any difference
     would fail the job. Models with biases never get here: the budget keeps their head count a divisor.
 
+    A model whose layers differ in width (``structures.layout: per_layer``) becomes its family's per-layer class
+    (:func:`lorashear.per_layer.as_per_layer`), which ``AutoModelForCausalLM`` loads once ``lorashear`` is imported.
+
     Raises:
-        ValueError: the family needs divisible heads and has no stock class to re-express the model as.
+        ValueError: the family needs divisible heads and has no stock class to re-express the model as, or has no
+            per-layer class.
     """
+    from lorashear import per_layer
+
+    if not per_layer.is_uniform(model):
+        out = per_layer.as_per_layer(model)
+        note = (
+            f"exported as {type(out).__name__} (per-layer layout: attention heads "
+            f"{cast(Any, out.config).layer_num_attention_heads}, MLP channels "
+            f"{cast(Any, out.config).layer_intermediate_size}); AutoModelForCausalLM.from_pretrained loads it once "
+            "lorashear is imported"
+        )
+        return out, note
     cfg: Any = model.config
     family = get_family(cfg.model_type)
     if not family.heads_must_divide_hidden or cfg.hidden_size % cfg.num_attention_heads == 0:

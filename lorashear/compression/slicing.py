@@ -142,11 +142,18 @@ def rescale_norms_(model: nn.Module, norm_params: list[str], before: int, after:
 
 
 def make_plan(
-    kept: dict[str, dict[int, torch.Tensor]], config: dict[str, Any], *, norms: list[str], hidden_before: int
+    kept: dict[str, dict[int, torch.Tensor]],
+    config: dict[str, Any],
+    *,
+    norms: list[str],
+    hidden_before: int,
+    layer_sizes: dict[str, list[int]] | None = None,
 ) -> dict[str, Any]:
     """Replayable plan (JSON): base-model tensor names, dims and kept indices, plus the resulting config sizes.
 
-    LoRA tensors are left out: the plan describes the base model. Tied tensors appear under each name.
+    LoRA tensors are left out: the plan describes the base model. Tied tensors appear under each name. A per-layer
+    layout adds ``layer_num_attention_heads`` / ``layer_num_key_value_heads`` / ``layer_intermediate_size`` (one
+    entry per layer) to ``config``.
     """
     tensors = []
     for name, dims in sorted(kept.items()):
@@ -154,13 +161,14 @@ def make_plan(
             continue
         for dim, idx in sorted(dims.items()):
             tensors.append({"name": base_name(name), "dim": dim, "kept": idx.tolist()})
+    sizes = {
+        k: config[k]
+        for k in ("num_attention_heads", "num_key_value_heads", "intermediate_size", "hidden_size", "head_dim")
+        if k in config
+    }
     return {
         "version": PLAN_VERSION,
-        "config": {
-            k: config[k]
-            for k in ("num_attention_heads", "num_key_value_heads", "intermediate_size", "hidden_size", "head_dim")
-            if k in config
-        },
+        "config": sizes | {k: v for k, v in (layer_sizes or {}).items()},
         "norm_rescale": {"params": [base_name(n) for n in norms], "hidden_before": hidden_before},
         "tensors": tensors,
     }

@@ -28,21 +28,25 @@ from lorashear.training import train_loss
 
 STAGE = "prune"
 
-_KIND_QUOTA: dict[str, Callable[[Quotas], int]] = {
-    "kv_group": lambda q: q.kv_groups,
-    "attention_head": lambda q: q.kv_groups,
-    "query_head": lambda q: q.query_heads_per_group,
-    "mlp_channel": lambda q: q.channels,
-    "hidden_dim": lambda q: q.hidden,
+_KIND_QUOTA: dict[str, Callable[[Quotas, int | None], int]] = {
+    "kv_group": lambda q, layer: q.for_layer(layer).kv_groups,
+    "attention_head": lambda q, layer: q.for_layer(layer).kv_groups,
+    "query_head": lambda q, layer: q.for_layer(layer).query_heads_per_group,
+    "mlp_channel": lambda q, layer: q.for_layer(layer).channels,
+    "hidden_dim": lambda q, _layer: q.hidden,
 }
-"""Structure kind -> groups to remove from each of its quota clusters (query heads: per KV group)."""
+"""Structure kind -> groups to remove from each of its quota clusters (query heads: per KV group), by layer."""
 
 
 def set_quotas(structures: Structures, quotas: Quotas) -> dict[str, dict[int, int]]:
-    """Map budget quotas onto structure sets: ``{set key: {cluster id: groups to remove}}`` (prunable sets only)."""
+    """Map budget quotas onto structure sets: ``{set key: {cluster id: groups to remove}}`` (prunable sets only).
+
+    Uniform quotas give every layer's set the same count; per-layer quotas (``quotas.layers``) give each layer its
+    own (:func:`~lorashear.budget.plan_layer_quotas`).
+    """
     out: dict[str, dict[int, int]] = {}
     for s in structures.sets:
-        k = _KIND_QUOTA[s.kind](quotas)
+        k = _KIND_QUOTA[s.kind](quotas, s.layer)
         if not s.prunable or not k:
             continue
         out[s.key] = {int(c): k for c in s.cluster.unique().tolist()}
