@@ -20,6 +20,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from lorashear._autoregister import FAMILIES as PER_LAYER_FAMILIES
 from lorashear.budget import ModelShape, Quotas, estimate_peak_bytes, plan_quotas
 from lorashear.config import JobSpec
 from lorashear.errors import AdapterMismatchError, ConfigError, ModelFileError, UnsupportedModelError
@@ -515,5 +516,11 @@ def preflight(spec: JobSpec, roots: Roots, *, memory_limit: int | None = None) -
             if ds.validation is not None:
                 roots.data(ds.validation, f"data.{key}[{i}].validation")
     check_zeroshot(spec, roots)
+    if spec.structures.layout == "per_layer" and shape.model_type not in PER_LAYER_FAMILIES:
+        raise UnsupportedModelError(
+            f"structures.layout: per_layer needs a per-layer model class, which exists for "
+            f"{', '.join(PER_LAYER_FAMILIES)}, not {shape.model_type!r}; use the uniform layout",
+            field="structures.layout",
+        )
     quotas = plan_quotas(shape, spec.target_ratio, spec.structures, spec.analysis.gamma)
     return PreflightResult(model_path, shape, quotas)

@@ -215,3 +215,29 @@ def test_set_quotas_per_layer_on_the_bundled_model() -> None:
             assert quotas.get(s.key, {0: 0}) == {0: q.layers[s.layer].channels} or q.layers[s.layer].channels == 0
     uniform = set_quotas(st, plan_quotas(shape, 0.3, StructureConfig(), 0.1))
     assert quotas != uniform
+
+
+def test_preflight_refuses_per_layer_for_a_family_without_a_per_layer_class(tmp_path: Path) -> None:
+    import shutil
+
+    from lorashear import _autoregister, families, per_layer
+    from lorashear.errors import UnsupportedModelError
+    from lorashear.families import Family, register_family
+    from lorashear.preflight import preflight
+    from lorashear.resolve import BUNDLED_DATA_ROOT, BUNDLED_MODEL_ROOT
+
+    assert set(_autoregister.FAMILIES) == set(per_layer._FAMILIES)  # one list of per-layer families
+    shutil.copytree(BUNDLED_MODEL_ROOT / "stories260K", tmp_path / "toy")
+    cfg = json.loads((tmp_path / "toy" / "config.json").read_text())
+    (tmp_path / "toy" / "config.json").write_text(json.dumps(cfg | {"model_type": "toyllama"}))
+    d = copy.deepcopy({"model": "toy", "target_ratio": 0.2, **FAST})
+    register_family(Family("toyllama"))
+    try:
+        roots = Roots(tmp_path, BUNDLED_DATA_ROOT)
+        preflight(JobSpec.from_dict(d), roots)  # the uniform layout is fine
+        d["structures"] = {"layout": "per_layer"}
+        with pytest.raises(UnsupportedModelError, match="per_layer needs a per-layer model class") as err:
+            preflight(JobSpec.from_dict(d), roots)
+        assert err.value.field == "structures.layout" and err.value.user_error
+    finally:
+        families._FAMILIES.pop("toyllama")
