@@ -177,8 +177,8 @@ ROWS: dict[str, Row] = {
         Row(
             "ablation-static-mix",
             "lorashear",
-            "ours without the dynamic data mix (uniform weights)",
-            {"recovery": {"weighting": "uniform"}},
+            "ours without the dynamic data mix (recovery.uniform_share 1: equal weights)",
+            {"recovery": {"uniform_share": 1.0}},
         ),  # fmt: skip
     ]
 }
