@@ -146,40 +146,70 @@ ROWS: dict[str, Row] = {
         Row(
             "oneshot-taylor",
             "one_shot",
-            "one-shot first-order Taylor groups, no training",
+            "one-shot first-order Taylor groups with ours' per-layer allocation, no training",
             criterion="taylor",
             train=False,
-        ),  # fmt: skip
+        ),
         Row(
-            "oneshot-taylor+lora", "one_shot", "one-shot Taylor, then LoRA on the same 104k tokens", criterion="taylor"
-        ),  # fmt: skip
-        Row("oneshot-magnitude", "one_shot", "one-shot L2 magnitude, no training", criterion="magnitude", train=False),
-        Row("oneshot-random", "one_shot", "one-shot random groups, no training", criterion="random", train=False),
+            "oneshot-taylor+lora",
+            "one_shot",
+            "one-shot Taylor (per-layer allocation), then LoRA on the same 104k tokens",
+            criterion="taylor",
+        ),
+        Row(
+            "oneshot-taylor-uniform",
+            "one_shot",
+            "one-shot Taylor with the uniform layout, no training",
+            {"structures": {"layout": "uniform"}},
+            criterion="taylor",
+            train=False,
+        ),
+        Row(
+            "oneshot-taylor-uniform+lora",
+            "one_shot",
+            "one-shot Taylor with the uniform layout, then LoRA on the same 104k tokens",
+            {"structures": {"layout": "uniform"}},
+            criterion="taylor",
+        ),
+        Row(
+            "oneshot-magnitude",
+            "one_shot",
+            "one-shot L2 magnitude (per-layer allocation), no training",
+            criterion="magnitude",
+            train=False,
+        ),
+        Row(
+            "oneshot-random",
+            "one_shot",
+            "one-shot random groups (per-layer allocation), no training",
+            criterion="random",
+            train=False,
+        ),
         Row("ablation-uniform", "lorashear", "ours with the uniform layout", {"structures": {"layout": "uniform"}}),
         Row(
             "ablation-no-analysis",
             "lorashear",
             "ours without the knowledge analysis (uniform layout, gamma 0)",
             {"structures": {"layout": "uniform"}, "analysis": {"gamma": 0.0}},
-        ),  # fmt: skip
+        ),
         Row(
             "ablation-no-distill",
             "lorashear",
             "ours without distillation",
             {"lhspg": {"distill": 0.0}, "recovery": {"distill": 0.0}},
-        ),  # fmt: skip
+        ),
         Row(
             "ablation-saliency",
             "lorashear",
             "ours with the paper code's LoRA saliency instead of Taylor",
             {"lhspg": {"importance": "lora_saliency"}},
-        ),  # fmt: skip
+        ),
         Row(
             "ablation-static-mix",
             "lorashear",
             "ours without the dynamic data mix (recovery.uniform_share 1: equal weights)",
             {"recovery": {"uniform_share": 1.0}},
-        ),  # fmt: skip
+        ),
     ]
 }
 
@@ -286,19 +316,23 @@ def run_one_shot(row: Row, ratio: float, args: argparse.Namespace, work: Path) -
 
     import lorashear
     from lorashear.baselines import one_shot
+    from lorashear.budget import plan_layer_quotas
     from lorashear.evaluation.loss import mean_loss, window_batches
     from lorashear.modeling import count_params
     from lorashear.resolve import Roots
 
-    over = {"structures": {"layout": "uniform"}, "recovery": ONE_SHOT_RECOVERY, "lhspg": {"distill": 0.0}}
+    over = {"recovery": ONE_SHOT_RECOVERY, "lhspg": {"distill": 0.0}}
     spec_d = merge(merge(merge(BASE, over), row.over), SMOKE if args.smoke else {}) | {"target_ratio": ratio}
     spec = lorashear.JobSpec.from_dict(spec_d)
     job = lorashear.load(spec, Roots(args.model_root, args.data_root))
     st = lorashear.discover(job.model, spec.structures, probe_ids=job.data.calibration.ids[:8].unsqueeze(0))
-    q = lorashear.plan_quotas(job.shape, ratio, spec.structures, spec.analysis.gamma)
     refs = {d.name: mean_loss(job.model, d.val_batches) for d in job.data.subsets}
     windows = job.data.calibration.windows(spec.analysis.seq_len)
-    lorashear.analyze(job.model, st, windows, spec.analysis)  # the same protected groups as the pipeline
+    analysis = lorashear.analyze(job.model, st, windows, spec.analysis)  # the pipeline's protection and layer map
+    if spec.structures.layout == "per_layer":  # the allocation LoRAShear's row gets
+        q = plan_layer_quotas(job.shape, ratio, spec.structures, spec.analysis.gamma, analysis.layer_map)
+    else:
+        q = lorashear.plan_quotas(job.shape, ratio, spec.structures, spec.analysis.gamma)
     removed = one_shot(job.model, st, lorashear.set_quotas(st, q), row.criterion, window_batches(windows, 8))
     lorashear.compress(job.model, st, removed, probe_ids=job.data.probe(), expected_params=q.params_after)
     before = lorashear.evaluate(job.model, job.data.eval, spec.evaluation).perplexity.perplexity
