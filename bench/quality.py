@@ -12,7 +12,7 @@ without training spend none) and is scored by the same harness:
 * **Perplexity** (``ppl_wikitext2_128``): WikiText-2 test (``wiki.test.raw.txt``, CRLF -> LF), the whole text
   tokenised once, non-overlapping 128-token windows, the first 256 (32,768 tokens), each window scored alone.
   ``ppl_before_recovery``: the pipeline's own evaluation stream (the same file read by the product: paragraphs
-  joined by newlines, first 256 windows of 128), after pruning and slicing, before recovery; the same for all rows.
+  joined by newlines, first 64 windows of 128), after pruning and slicing, before recovery; the same for all rows.
 * **Zero-shot**: lm-eval (through ``lorashear.evaluation``) on the first 250 documents of PIQA, ARC-e, ARC-c,
   WinoGrande, OBQA and BoolQ from ``<data-root>/zeroshot``; ``avg5`` = mean of acc (PIQA, ARC-e, WinoGrande) and
   acc_norm (ARC-c, OBQA), in percent.
@@ -88,7 +88,7 @@ BASE: dict[str, Any] = {
     },
     "evaluation": {
         "window": 128,
-        "max_windows": 256,
+        "max_windows": 64,
         "batch_size": 8,
         "zeroshot": {"enabled": False},
         "speed": {"enabled": False},
