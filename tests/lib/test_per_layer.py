@@ -241,3 +241,22 @@ def test_preflight_refuses_per_layer_for_a_family_without_a_per_layer_class(tmp_
         assert err.value.field == "structures.layout" and err.value.user_error
     finally:
         families._FAMILIES.pop("toyllama")
+
+
+@pytest.mark.slow
+def test_per_layer_run_cancelled_in_lhspg_resumes_to_the_same_result(tmp_path: Path) -> None:
+    from lorashear.errors import Cancelled
+
+    from .test_pipeline import checkpointed_at, run_collect, same_weights
+
+    d = copy.deepcopy({"model": "stories260K", "target_ratio": 0.3, **FAST})
+    d["structures"] = {"layout": "per_layer"}
+    spec = JobSpec.from_dict(d)
+    ref = run_collect(spec, tmp_path / "ref", tmp_path / "ref.work")
+    with pytest.raises(Cancelled):
+        run_collect(spec, tmp_path / "out", tmp_path / "work", cancel_at=("prune", 5))
+    assert checkpointed_at(tmp_path / "work") == "prune"
+    resumed = run_collect(spec, tmp_path / "out", tmp_path / "work")  # the per-layer quotas are re-planned
+    same_weights(tmp_path / "ref", tmp_path / "out")
+    assert resumed.summary == ref.summary
+    assert resumed.report["quotas"] == ref.report["quotas"]
