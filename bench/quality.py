@@ -48,7 +48,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+sys.path.insert(0, str(Path(__file__).parent))
+from smollm2 import DATA, GGUF  # noqa: E402
+
 RESULTS = "quality-smollm2"
 TASKS = ["arc_easy", "arc_challenge", "boolq", "openbookqa", "piqa", "winogrande"]
 BATCH, SEQ = 4, 256
@@ -77,15 +79,7 @@ BASE: dict[str, Any] = {
         "eval_batches": 2,
         "distill": 0.5,
     },
-    "data": {
-        "calibration": "wikitext-2/wiki.valid.tokens",
-        "train": [
-            {"name": "wikitext2", "train": "wikitext-2/wiki.valid.tokens"},
-            {"name": "ptb", "train": "ptb/ptb.valid.txt"},
-        ],
-        "instruct": [{"name": "alpaca", "train": "alpaca/alpaca_data_1k.json"}],
-        "eval": "wikitext-2/wiki.test.raw.txt",
-    },
+    "data": copy.deepcopy(DATA),
     "evaluation": {
         "window": 128,
         "max_windows": 64,

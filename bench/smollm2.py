@@ -20,6 +20,7 @@ and PTB are benchmark-only inputs and are not shipped with the project.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import subprocess
 import sys
@@ -29,6 +30,16 @@ from pathlib import Path
 from lorashear.events import STAGES
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DATA = {
+    "calibration": "wikitext-2/wiki.valid.tokens",
+    "train": [
+        {"name": "wikitext2", "train": "wikitext-2/wiki.valid.tokens"},
+        {"name": "ptb", "train": "ptb/ptb.valid.txt"},
+    ],
+    "instruct": [{"name": "alpaca", "train": "alpaca/alpaca_data_1k.json"}],
+    "eval": "wikitext-2/wiki.test.raw.txt",
+}
+"""The SmolLM2 benchmarks' data pool (names under ``--data-root``); ``bench/quality.py`` uses it too."""
 
 
 def spec(ratio: float, args: argparse.Namespace) -> dict:
@@ -53,15 +64,7 @@ def spec(ratio: float, args: argparse.Namespace) -> dict:
             "seq_len": 128,
             "eval_batches": 2,
         },
-        "data": {
-            "calibration": "wikitext-2/wiki.valid.tokens",
-            "train": [
-                {"name": "wikitext2", "train": "wikitext-2/wiki.valid.tokens"},
-                {"name": "ptb", "train": "ptb/ptb.valid.txt"},
-            ],
-            "instruct": [{"name": "alpaca", "train": "alpaca/alpaca_data_1k.json"}],
-            "eval": "wikitext-2/wiki.test.raw.txt",
-        },
+        "data": copy.deepcopy(DATA),
         "evaluation": {"window": 128, "max_windows": args.eval_windows, "batch_size": 8},
         "runtime": {"device": "auto", "checkpoint_every": 1000},
     }

@@ -52,6 +52,11 @@ _CONFIGS: dict[str, type] = {}
 _CLASSES: dict[str, PerLayerClasses] = {}
 
 
+def _check_family(family: str) -> None:
+    if family not in _FAMILIES:
+        raise ValueError(f"no per-layer class for model_type {family!r}; supported: {', '.join(_FAMILIES)}")
+
+
 def model_type_for(family: str) -> str:
     """``model_type`` of the per-layer variant of ``family`` (e.g. ``lorashear_llama``)."""
     return f"lorashear_{family}"
@@ -63,8 +68,7 @@ def config_class(family: str) -> type:
     Raises:
         ValueError: the family has no per-layer class.
     """
-    if family not in _FAMILIES:
-        raise ValueError(f"no per-layer class for model_type {family!r}; supported: {', '.join(_FAMILIES)}")
+    _check_family(family)
     if family not in _CONFIGS:
         _CONFIGS[family] = _build_config(family)
     return _CONFIGS[family]
@@ -154,8 +158,7 @@ def classes(family: str) -> PerLayerClasses:
     Raises:
         ValueError: the family has no per-layer class.
     """
-    if family not in _FAMILIES:
-        raise ValueError(f"no per-layer class for model_type {family!r}; supported: {', '.join(_FAMILIES)}")
+    _check_family(family)
     if family not in _CLASSES:
         _CLASSES[family] = _build(family)
     return _CLASSES[family]
@@ -246,16 +249,29 @@ def as_per_layer(model: nn.Module, dense_sizes: dict[str, int] | None = None) ->
     src.update(globals_)
     src.update({f"layer_{k}": v for k, v in sizes.items()})
     new_cfg = c.config_class(**src)
-    new_cfg.dtype = cast(Any, model).dtype
+    return rebuild(model, new_cfg, c.model_class)
+
+
+def rebuild(model: nn.Module, config: Any, model_class: Any) -> nn.Module:
+    """``model``'s weights in a new ``model_class(config)`` with the same parameter names, moved (not copied).
+
+    The new model is built on the meta device and takes the tensors by assignment; non-persistent buffers (RoPE
+    ``inv_freq``) are copied over, and tied embeddings are re-tied. Used to re-express a pruned model as another
+    class that computes the same function (:func:`as_per_layer`, :func:`lorashear.compression.stock_loadable`).
+
+    Raises:
+        RuntimeError: the parameter names or shapes differ (``load_state_dict`` strict).
+    """
+    config.dtype = cast(Any, model).dtype
     with torch.device("meta"):
-        out = c.model_class(new_cfg)
+        out = model_class(config)
     out.load_state_dict(model.state_dict(), strict=True, assign=True)
     source_buffers = dict(model.named_buffers())
     for name, buf in list(out.named_buffers()):  # non-persistent buffers (RoPE inv_freq) are not in state_dict
         if buf.is_meta:
             owner, _, attr = name.rpartition(".")
             out.get_submodule(owner)._buffers[attr] = source_buffers[name].detach().clone()
-    if new_cfg.tie_word_embeddings:
+    if config.tie_word_embeddings:
         out.tie_weights()
     return cast(nn.Module, out.eval())
 

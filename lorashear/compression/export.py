@@ -99,17 +99,7 @@ def stock_loadable(model: nn.Module) -> tuple[nn.Module, str | None]:
     src = cfg.to_dict()
     kwargs = {k: src[k] for k in _PORTABLE_KEYS if k in src}
     new_cfg = AutoConfig.for_model(family.export_as, **kwargs, sliding_window=None)
-    new_cfg.dtype = cast(Any, model).dtype
-    with torch.device("meta"):
-        out = AutoModelForCausalLM.from_config(new_cfg)
-    out.load_state_dict(model.state_dict(), strict=True, assign=True)
-    source_buffers = dict(model.named_buffers())
-    for name, buf in list(out.named_buffers()):  # non-persistent buffers (RoPE inv_freq) are not in state_dict
-        if buf.is_meta:
-            owner, _, attr = name.rpartition(".")
-            out.get_submodule(owner)._buffers[attr] = source_buffers[name].detach().clone()
-    if new_cfg.tie_word_embeddings:
-        out.tie_weights()
+    out = per_layer.rebuild(model, new_cfg, AutoModelForCausalLM.from_config)
     note = (
         f"exported as {type(out).__name__}: the stock {cfg.model_type} config (transformers 5) rejects hidden_size "
         f"{cfg.hidden_size} with {cfg.num_attention_heads} attention heads; {family.export_as} computes the same "
