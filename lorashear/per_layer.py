@@ -215,7 +215,7 @@ def is_uniform(model: nn.Module) -> bool:
     return all(len(set(v)) == 1 for v in layer_sizes(model).values())
 
 
-def as_per_layer(model: nn.Module, dense_sizes: dict[str, int] | None = None) -> nn.Module:
+def as_per_layer(model: nn.Module) -> nn.Module:
     """Re-express a plain (non-PEFT) family model whose layers differ in width as the family's per-layer class.
 
     The weights are moved, not copied (the result shares them); names are unchanged, so ``save_pretrained``
@@ -223,8 +223,8 @@ def as_per_layer(model: nn.Module, dense_sizes: dict[str, int] | None = None) ->
 
     Args:
         model: a ``llama`` / ``mistral`` / ``qwen2`` causal LM (after slicing: its config may name layer 0's sizes).
-        dense_sizes: the global ``num_attention_heads`` / ``num_key_value_heads`` / ``intermediate_size`` to record
-            (default: the largest per-layer size, adjusted so the family's validation accepts it).
+            The global ``num_attention_heads`` / ``intermediate_size`` recorded are the largest per-layer sizes
+            (heads raised to a divisor of ``hidden_size``, which the family's validation wants; nothing reads them).
 
     Raises:
         ValueError: an unsupported family.
@@ -236,17 +236,10 @@ def as_per_layer(model: nn.Module, dense_sizes: dict[str, int] | None = None) ->
     src = {k: v for k, v in cfg.to_dict().items() if not k.startswith("layer_")}
     for key in ("model_type", "architectures", "transformers_version", "dtype", "torch_dtype"):
         src.pop(key, None)
-    globals_ = dict(dense_sizes or {})
-    if not globals_:
-        heads = max(sizes["num_attention_heads"])
-        while cfg.hidden_size % heads:  # the family's validation wants heads | hidden; the value is not used
-            heads += 1
-        globals_ = {
-            "num_attention_heads": heads,
-            "num_key_value_heads": 1,
-            "intermediate_size": max(sizes["intermediate_size"]),
-        }
-    src.update(globals_)
+    heads = max(sizes["num_attention_heads"])
+    while cfg.hidden_size % heads:  # the family's validation wants heads | hidden; the value is not used
+        heads += 1
+    src.update(num_attention_heads=heads, num_key_value_heads=1, intermediate_size=max(sizes["intermediate_size"]))
     src.update({f"layer_{k}": v for k, v in sizes.items()})
     new_cfg = c.config_class(**src)
     return rebuild(model, new_cfg, c.model_class)
