@@ -7,10 +7,12 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 
 from api import errors
 from api.limits import Admission, BodyGuard
-from api.routes import health, router
+from api.metrics import RequestMetrics, make_registry
+from api.routes import catalog, health, router
 from jobs.db import make_engine, make_sessionmaker, migrate
 from jobs.dispatch import Dispatcher, EmbeddedDispatcher, make_dispatcher
 from jobs.settings import Settings, get_settings
@@ -53,7 +55,8 @@ def create_app(settings: Settings | None = None, *, dispatcher: Dispatcher | Non
             disp.close()
             app.state.engine.dispose()
 
-    app = FastAPI(
+    # Swagger UI's script and style are served from the fastapi-offline package: /docs works without internet
+    app = FastAPIOffline(
         title="LoRAShear pruning jobs",
         version="1",
         description=DESCRIPTION,
@@ -61,6 +64,7 @@ def create_app(settings: Settings | None = None, *, dispatcher: Dispatcher | Non
         docs_url="/docs",
         redoc_url=None,
         openapi_url="/openapi.json",
+        static_url="/static/docs",
     )
     engine = make_engine(
         settings.db_url,
@@ -73,8 +77,11 @@ def create_app(settings: Settings | None = None, *, dispatcher: Dispatcher | Non
     app.state.sessions = make_sessionmaker(engine)
     app.state.dispatcher = dispatcher or make_dispatcher(settings)
     app.state.admission = Admission(settings.max_pending_submissions)
+    app.state.metrics_registry, latency = make_registry(app.state.sessions)
     errors.install(app)
     app.add_middleware(BodyGuard, max_bytes=settings.max_body_bytes, json_paths=("/v1/jobs",))
+    app.add_middleware(RequestMetrics, histogram=latency)
     app.include_router(router)
+    app.include_router(catalog)
     app.include_router(health)
     return app

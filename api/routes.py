@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import DispatcherDep, ServiceDep, SessionDep, SettingsDep
+from api.deps import DispatcherDep, OwnerDep, ServiceDep, SessionDep, SettingsDep
+from api.metrics import render
 from api.sse import event_stream
 from jobs.artifacts import iter_file, iter_tar, tar_size
 from jobs.db import ping
 from jobs.errors import InvalidSpec
 from jobs.schemas import (
     ArtifactList,
+    CatalogEntry,
+    CatalogList,
     ErrorResponse,
     EventList,
     Health,
@@ -172,8 +177,9 @@ def get_metrics(
 
 @router.get("/jobs/{job_id}/artifacts", response_model=ArtifactList)
 def list_artifacts(job_id: str, service: ServiceDep) -> ArtifactList:
-    """Artifacts of a finished job: ``model`` (directory), ``plan`` and ``report`` (files), optionally
-    ``adapter`` and ``pruned_base`` (directories)."""
+    """Artifacts of a finished job: ``model`` (directory), ``plan`` and ``report`` (JSON files), ``plots``
+    (``report.png``: sensitivity map, kept widths, loss and mix-weight curves), optionally ``adapter`` and
+    ``pruned_base`` (directories)."""
     return ArtifactList(data=service.artifacts(job_id))
 
 
@@ -208,6 +214,36 @@ def download_artifact(
         media_type="application/json" if d.filename.endswith(".json") else "application/octet-stream",
         headers={"Content-Disposition": f'attachment; filename="{d.filename}"', "Content-Length": str(d.size)},
     )
+
+
+catalog = APIRouter(prefix="/v1", tags=["catalog"], responses={401: ERRORS[401], 503: ERRORS[503]})
+
+
+@catalog.get("/models", response_model=CatalogList)
+def list_models(settings: SettingsDep, _owner: OwnerDep) -> CatalogList:
+    """What a spec's ``model`` (and ``adapter``) may name: model directories (``config.json``), ``.gguf`` files and
+    PEFT adapter directories under the configured model root, by name (never a server path)."""
+    entries = settings.roots().list_models()
+    return CatalogList(data=[CatalogEntry(**dataclasses.asdict(e)) for e in entries])
+
+
+@catalog.get("/data", response_model=CatalogList)
+def list_data(settings: SettingsDep, _owner: OwnerDep) -> CatalogList:
+    """What a spec's ``data`` section (``train``, ``eval``, ``calibration``, ``instruct``, ...) may name: the data
+    files under the configured data root, by name."""
+    entries = settings.roots().list_data()
+    return CatalogList(data=[CatalogEntry(**dataclasses.asdict(e)) for e in entries])
+
+
+@health.get(
+    "/metrics",
+    response_class=Response,
+    responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}},
+)
+def prometheus_metrics(request: Request) -> Response:
+    """Prometheus metrics: jobs by status, queue wait and run time histograms, worker heartbeat ages, request
+    latency by route (``api.metrics``). Aggregates only: no job ids, owners or specs."""
+    return Response(render(request.app.state.metrics_registry), media_type=CONTENT_TYPE_LATEST)
 
 
 @health.get("/healthz", response_model=Health)

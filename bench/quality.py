@@ -138,6 +138,12 @@ ROWS: dict[str, Row] = {
         Row("lorashear", "lorashear", "ours: LHSPG decay, Taylor importance, per-layer layout, distillation 0.5"),
         Row("lorashear-hsp", "lorashear", "ours in hsp mode", {"lhspg": {"mode": "hsp"}}),
         Row(
+            "lorashear-kd",
+            "lorashear",
+            "ours with distillation 1.0 (pure KL to the dense model, no cross-entropy) in LHSPG and recovery",
+            {"lhspg": {"distill": 1.0}, "recovery": {"distill": 1.0}},
+        ),
+        Row(
             "oneshot-taylor",
             "one_shot",
             "one-shot first-order Taylor groups with ours' per-layer allocation, no training",
@@ -305,6 +311,31 @@ def run_lorashear(row: Row, ratio: float, args: argparse.Namespace, work: Path) 
     }
 
 
+def cached_analysis(model: Any, structures: Any, windows: Any, spec: Any, args: argparse.Namespace) -> Any:
+    """The knowledge analysis of the dense model, computed once per analysis config and reused by every one-shot
+    row (it is deterministic: same model, calibration windows, config and seed; about 15 minutes on 2 cores).
+    Kept in ``<out>/cache/`` (not committed); LoRAShear rows run the pipeline, which analyses for itself."""
+    import dataclasses
+
+    import lorashear
+    from lorashear.analysis import Analysis
+
+    key = json.dumps(
+        {"analysis": dataclasses.asdict(spec.analysis), "seed": spec.seed, "data": spec.to_dict().get("data"),
+         "model": GGUF, "smoke": args.smoke},
+        sort_keys=True, default=str,
+    )  # fmt: skip
+    path = args.out / "cache" / f"analysis-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+    if path.exists():
+        return Analysis.from_dict(json.loads(path.read_text()))
+    analysis = lorashear.analyze(model, structures, windows, spec.analysis)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(analysis.to_dict()))
+    tmp.replace(path)
+    return analysis
+
+
 def run_one_shot(row: Row, ratio: float, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     import torch
 
@@ -322,7 +353,7 @@ def run_one_shot(row: Row, ratio: float, args: argparse.Namespace, work: Path) -
     st = lorashear.discover(job.model, spec.structures, probe_ids=job.data.calibration.ids[:8].unsqueeze(0))
     refs = {d.name: mean_loss(job.model, d.val_batches) for d in job.data.subsets}
     windows = job.data.calibration.windows(spec.analysis.seq_len)
-    analysis = lorashear.analyze(job.model, st, windows, spec.analysis)  # the pipeline's protection and layer map
+    analysis = cached_analysis(job.model, st, windows, spec, args)  # the pipeline's layer map
     if spec.structures.layout == "per_layer":  # the allocation LoRAShear's row gets
         q = plan_layer_quotas(job.shape, ratio, spec.structures, spec.analysis.gamma, analysis.layer_map)
     else:
@@ -512,8 +543,9 @@ def main() -> int:
         with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
             one_out = Path(f.name)
         cmd = [sys.executable, __file__, "--model-root", str(args.model_root), "--data-root", str(args.data_root),
-               "--threads", str(args.threads), "--limit", str(args.limit), "--one", method, str(ratio),
-               "--one-out", str(one_out), *(["--smoke"] if args.smoke else [])]  # fmt: skip
+               "--threads", str(args.threads), "--limit", str(args.limit), "--out", str(args.out),
+               "--one", method, str(ratio), "--one-out", str(one_out),
+               *(["--smoke"] if args.smoke else [])]  # fmt: skip
         t0 = time.time()
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:

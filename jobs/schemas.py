@@ -8,6 +8,42 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from jobs.states import JobStatus
+from lorashear import config
+
+SECTIONS: dict[str, type] = {
+    "lora": config.LoRAConfig,
+    "structures": config.StructureConfig,
+    "analysis": config.AnalysisConfig,
+    "lhspg": config.LHSPGConfig,
+    "recovery": config.RecoveryConfig,
+    "data": config.DataConfig,
+    "evaluation": config.EvaluationConfig,
+    "export": config.ExportConfig,
+    "runtime": config.RuntimeConfig,
+}
+"""The spec sections and the config dataclass each one builds."""
+
+
+EXAMPLE_SPEC: dict[str, Any] = {
+    "model": "stories260K",
+    "target_ratio": 0.2,
+    "lhspg": {"warmup_steps": 2, "periods": 2, "period_steps": 3, "batch_size": 4, "seq_len": 64},
+    "recovery": {"rounds": 1, "steps_per_round": 3, "batch_size": 4, "seq_len": 64},
+}
+
+
+def _spec_schema(schema: dict[str, Any]) -> None:
+    """Document each spec section in OpenAPI with the schema generated from its config dataclass (each field's
+    type, default, bounds and docstring; :func:`lorashear.config.section_schema`). At run time a section stays a
+    plain object: the library validates it and names the field at fault (issue 8)."""
+    schema["examples"] = [EXAMPLE_SPEC]
+    for name, cls in SECTIONS.items():
+        generated = config.section_schema(cls)
+        schema["properties"][name] = {
+            "anyOf": [generated, {"type": "null"}],
+            "title": generated["title"],
+            "description": generated["description"],
+        }
 
 
 class JobSpecIn(BaseModel):
@@ -17,19 +53,7 @@ class JobSpecIn(BaseModel):
     and names the field at fault. Unknown keys are accepted with a warning on the job.
     """
 
-    model_config = ConfigDict(
-        extra="allow",
-        json_schema_extra={
-            "examples": [
-                {
-                    "model": "stories260K",
-                    "target_ratio": 0.2,
-                    "lhspg": {"warmup_steps": 2, "periods": 2, "period_steps": 3, "batch_size": 4, "seq_len": 64},
-                    "recovery": {"rounds": 1, "steps_per_round": 3, "batch_size": 4, "seq_len": 64},
-                }
-            ]
-        },
-    )
+    model_config = ConfigDict(extra="allow", json_schema_extra=_spec_schema)
 
     model: str = Field(description="Model name under the model root (never a path), e.g. 'stories260K'.")
     target_ratio: float | None = Field(None, description="Fraction of parameters to remove, in (0, 0.9].")
@@ -84,7 +108,7 @@ class ArtifactOut(BaseModel):
     object: Literal["artifact"] = "artifact"
     id: str
     job_id: str
-    name: str = Field(description="model, plan, report, adapter or pruned_base.")
+    name: str = Field(description="model, plan, report, plots (report.png), adapter or pruned_base.")
     kind: Literal["file", "directory"]
     size: int = Field(description="Bytes (sum over files for a directory).")
     sha256: str = Field(description="Digest of the file; of the manifest for a directory.")
@@ -164,6 +188,25 @@ class ArtifactList(BaseModel):
 
     object: Literal["list"] = "list"
     data: list[ArtifactOut]
+
+
+class CatalogEntry(BaseModel):
+    """A name a spec may use, found under the configured model or data root."""
+
+    name: str = Field(description="The name to put in the spec (relative to the root, '/'-separated).")
+    kind: Literal["model", "gguf", "adapter", "data"] = Field(
+        description="model: a directory with config.json; gguf: a .gguf file; adapter: a PEFT LoRA adapter; "
+        "data: a data file."
+    )
+    size: int = Field(description="Bytes on disk (sum over a directory's files).")
+    model_type: str | None = Field(None, description="The config's model_type for a model directory.")
+
+
+class CatalogList(BaseModel):
+    """Names under a root, sorted."""
+
+    object: Literal["list"] = "list"
+    data: list[CatalogEntry]
 
 
 class Health(BaseModel):

@@ -8,6 +8,7 @@ Examples::
     lorashear eval runs/stories260k-20/model --tasks piqa,arc_easy --limit 50 --speed   # zero-shot + speed
     lorashear serve                 # HTTP API, SQLite + in-process worker (service extra: pip install '.[service]')
     lorashear demo                  # serve, submit a job over HTTP, follow it (service extra)
+    lorashear jobs submit SPEC --server URL --wait   # the HTTP client (lorashear.jobs_cli)
 """
 
 from __future__ import annotations
@@ -418,6 +419,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--target-ratio", type=float, default=0.2)
     s.set_defaults(func=cmd_spec)
 
+    from lorashear.jobs_cli import add_commands as add_job_commands
+
+    add_job_commands(sub)
     add_plugin_commands(sub)
     return p
 

@@ -847,3 +847,104 @@ def field_docs(cls: type) -> dict[str, str]:
             if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str):
                 docs[node.target.id] = " ".join(nxt.value.value.split())
     return docs
+
+
+def _bounds(cls: type) -> dict[str, dict[str, Any]]:
+    """JSON-schema bounds of each field, read from the ``_check_*`` calls of ``cls.validate`` (the same checks that
+    validate a spec, so the schema cannot drift from them): ``_check_int`` gives minimum/maximum,
+    ``_check_ratio`` 0-1 (open ends exclusive), ``_check_positive`` exclusiveMinimum 0, ``_check_choice`` an
+    enum (of the items, for a list field)."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls.validate)))  # type: ignore[attr-defined]
+    except (OSError, TypeError, AttributeError):  # pragma: no cover - source unavailable
+        return {}
+    env = dict(globals())
+    out: dict[str, dict[str, Any]] = {}
+    for node in ast.walk(tree):
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and len(node.args) >= 2):
+            continue
+        fn, (where, value) = node.func.id, node.args[:2]
+        if fn not in ("_check_int", "_check_ratio", "_check_positive", "_check_choice"):
+            continue
+        if not isinstance(where, ast.JoinedStr):
+            continue
+        tail = "".join(p.value for p in where.values if isinstance(p, ast.Constant) and isinstance(p.value, str))
+        m = re.match(r"^\.([a-z_]+)(\[)?", tail)
+        if not m:
+            continue
+        name, item = (
+            m.group(1),
+            bool(m.group(2))
+            or not (
+                isinstance(value, ast.Attribute) and isinstance(value.value, ast.Name) and value.value.id == "self"
+            ),
+        )
+        extra: dict[str, Any] = {}
+        if fn == "_check_int":
+            lo, hi = (eval(ast.unparse(a), env) for a in (*node.args[2:4],)) if len(node.args) >= 4 else (0, 2**31 - 1)
+            extra = {"minimum": lo, "maximum": hi}
+        elif fn == "_check_ratio":
+            kw = {k.arg: ast.literal_eval(k.value) for k in node.keywords}
+            extra = {"exclusiveMinimum" if kw.get("low_open") else "minimum": 0}
+            extra["exclusiveMaximum" if kw.get("high_open") else "maximum"] = 1
+        elif fn == "_check_positive":
+            extra = {"exclusiveMinimum": 0}
+        elif fn == "_check_choice" and len(node.args) >= 3:
+            extra = {"enum": list(eval(ast.unparse(node.args[2]), env))}
+        out.setdefault(name, {}).update({"items": extra} if item else extra)
+    return out
+
+
+def _type_schema(hint: Any) -> dict[str, Any]:
+    origin, args = get_origin(hint), get_args(hint)
+    if origin is not None and type(None) in args:
+        inner = [a for a in args if a is not type(None)]
+        return {"anyOf": [_type_schema(inner[0]), {"type": "null"}]}
+    if isinstance(hint, type) and issubclass(hint, _Section):
+        return section_schema(hint)
+    if origin in (list, tuple):
+        return {"type": "array", "items": _type_schema(args[0]) if args else {}}
+    if origin is dict:
+        return {"type": "object", "additionalProperties": _type_schema(args[1]) if len(args) > 1 else {}}
+    return {
+        float: {"type": "number"},
+        int: {"type": "integer"},
+        bool: {"type": "boolean"},
+        str: {"type": "string"},
+    }.get(hint, {})
+
+
+def section_schema(cls: type) -> dict[str, Any]:
+    """JSON schema of a spec section (a config dataclass): every field with its type, default, bounds and the
+    description its docstring gives; unknown fields are refused (``additionalProperties: false``) as the API does
+    by default. The HTTP API's OpenAPI document uses it for each section of the job spec (issue 8)."""
+    hints, docs, bounds = get_type_hints(cls), field_docs(cls), _bounds(cls)
+    defaults = cls()  # type: ignore[call-arg]
+    props: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        if f.name.startswith("_"):
+            continue
+        schema = _type_schema(hints[f.name])
+        b = bounds.get(f.name, {})
+        if b:
+            item_bounds = b.pop("items", None)
+            if "anyOf" in schema:
+                schema["anyOf"][0].update(b)
+            else:
+                schema.update(b)
+            if item_bounds and schema.get("type") == "array":
+                schema["items"] = {**schema["items"], **item_bounds}
+        default = _to_jsonable(getattr(defaults, f.name))
+        if not (isinstance(default, dict) and schema.get("type") == "object" and "properties" in schema):
+            schema["default"] = default
+        if f.name in docs:
+            schema["description"] = docs[f.name]
+        props[f.name] = schema
+    doc = inspect.getdoc(cls) or ""
+    return {
+        "type": "object",
+        "title": cls.__name__,
+        "description": " ".join(doc.split("\n\n")[0].split()),
+        "properties": props,
+        "additionalProperties": False,
+    }

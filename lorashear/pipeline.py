@@ -38,7 +38,7 @@ from lorashear.inputs import load
 from lorashear.modeling import load_model
 from lorashear.optim import prune, set_quotas
 from lorashear.recovery import recover, recovery_stages
-from lorashear.report import RunResult, build_report, peak_memory_mib, publish, staging_dir, summary
+from lorashear.report import RunResult, build_report, draw_report, peak_memory_mib, publish, staging_dir, summary
 from lorashear.resolve import Roots
 from lorashear.training import check_sane
 
@@ -207,6 +207,7 @@ class _Composer:
         report = build_report(self.spec, state, job, self.structures, self.quotas, ex, speed)
         plan = {**state.compression.plan, "model": self.spec.model}
         artifacts = {name: self.output_dir / rel for name, rel in ex.artifacts.items()}
+        artifacts |= draw_report(report, staging, self.output_dir)
         artifacts |= publish(staging, self.output_dir, {"plan.json": plan, "report.json": report})
         head = summary(state, self.quotas, ex, report)
         metrics = {f"summary/{k}": float(v) for k, v in head.items()}

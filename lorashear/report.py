@@ -6,6 +6,7 @@ report is built from the typed stage results (:class:`~lorashear.runstate.RunSta
 
 from __future__ import annotations
 
+import logging
 import os
 import platform
 import resource
@@ -29,6 +30,8 @@ from lorashear.inputs import LoadedJob
 from lorashear.modeling import write_json
 from lorashear.runstate import RunState
 
+log = logging.getLogger("lorashear")
+
 
 @dataclass
 class RunResult:
@@ -39,7 +42,7 @@ class RunResult:
             (fraction of parameters removed, 0-1), ``ppl_dense``, ``ppl_pruned``, ``ppl_recovered``,
             ``max_abs_logit_diff``.
         report: the content of ``report.json``.
-        artifacts: ``{"model", "plan", "report", optionally "adapter", "pruned_base"}`` -> paths.
+        artifacts: ``{"model", "plan", "report", "plots" (report.png), optionally "adapter", "pruned_base"}`` -> paths.
         output_dir: the directory holding them.
     """
 
@@ -176,6 +179,24 @@ def build_report(
     }
     report["summary"] = summary(state, quotas, exported, report)
     return report
+
+
+def draw_report(report: dict[str, Any], staging: Path, output_dir: Path) -> dict[str, Path]:
+    """Draw ``report.png`` (:func:`lorashear.plots.render_report`) into ``staging``.
+
+    Returns:
+        ``{"plots": output_dir / "report.png"}``, or ``{}`` when matplotlib is missing or drawing failed (the
+        run's numbers never depend on a picture; the failure is logged).
+    """
+    try:
+        from lorashear.plots import render_report
+
+        render_report(report, staging / "report.png")
+    except Exception as exc:  # matplotlib missing or a drawing bug: keep the run, say why
+        log.warning("report.png not drawn: %s: %s", type(exc).__name__, exc)
+        (staging / "report.png").unlink(missing_ok=True)
+        return {}
+    return {"plots": output_dir / "report.png"}
 
 
 def staging_dir(output_dir: Path) -> Path:

@@ -79,9 +79,10 @@ class PruneResult:
         return cls(**data)
 
     def summary(self) -> dict[str, Any]:
-        """The report's view: history, first and last losses."""
+        """The report's view: history, every step's loss (for the curves of ``report.png``), first and last."""
         return {
             "history": self.history,
+            "losses": [round(x, 5) for x in self.losses],
             "loss_first": self.losses[:5],
             "loss_last": self.losses[-5:],
             "projected_early": self.projected_early,

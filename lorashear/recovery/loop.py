@@ -69,10 +69,11 @@ class RecoveryResult:
         return cls(**data)
 
     def summary(self) -> dict[str, Any]:
-        """The report's view: rounds, early stops, first and last losses."""
+        """The report's view: rounds, early stops, every step's loss (for ``report.png``), first and last."""
         return {
             "rounds": self.rounds,
             "stopped_early": self.stopped_early,
+            "losses": [round(x, 5) for x in self.losses],
             "loss_first": self.losses[:5],
             "loss_last": self.losses[-5:],
         }

@@ -91,6 +91,14 @@ def test_cli_end_to_end_on_bundled_model(tmp_path: Path) -> None:
     assert "zero-shot accuracy" in proc.stdout and "speed" in proc.stdout
     assert report["analysis"]["layer_map"] and report["recovery"]["rounds"]
     assert report["model"]["checksums_sha256"]["model.safetensors"]
+    # the pictures (issue 8): a real PNG of the figure size, with every step's loss behind its curves
+    png = (out / "report.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 30_000
+    width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
+    assert (width, height) == (1320, 990)
+    lh = E2E["lhspg"]
+    assert len(report["lhspg"]["losses"]) == lh["warmup_steps"] + lh["periods"] * lh["period_steps"]
+    assert len(report["recovery"]["losses"]) > 0 and "plots" in proc.stdout
     # 20% fewer parameters within one budget step
     assert abs(s["params_after"] - s["params_target"]) <= s["params_tolerance"]
     assert abs(s["compression_ratio"] - 0.2) < 0.01
