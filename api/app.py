@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 
-from api import errors
+from api import errors, ui
 from api.limits import Admission, BodyGuard
 from api.metrics import RequestMetrics, make_registry
 from api.routes import catalog, health, router
@@ -84,4 +84,5 @@ def create_app(settings: Settings | None = None, *, dispatcher: Dispatcher | Non
     app.include_router(router)
     app.include_router(catalog)
     app.include_router(health)
+    ui.install(app)
     return app

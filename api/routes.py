@@ -171,7 +171,7 @@ def get_metrics(
     service: ServiceDep,
     name: Annotated[list[str] | None, Query(description="Only these series (repeatable)")] = None,
 ) -> dict[str, list[MetricPointOut]]:
-    """Metric series of a job, ``{name: [{step, value, time}]}`` (e.g. ``lhspg/loss``, ``recover/loss``)."""
+    """Metric series of a job, ``{name: [{step, value, time}]}`` (e.g. ``lhspg/loss``, ``recovery/loss``)."""
     return service.metrics(job_id, name or ())
 
 

@@ -391,7 +391,7 @@ class Event:
 
 @dataclass(frozen=True)
 class MetricPoint:
-    """One point of a metric series (``lhspg/loss``, ``recover/loss``, ...)."""
+    """One point of a metric series (``lhspg/loss``, ``recovery/loss``, ...)."""
 
     step: int
     value: float
