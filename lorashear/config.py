@@ -32,6 +32,11 @@ from lorashear.errors import ConfigError
 SPEC_VERSION = 1
 """Version of the spec JSON; bumped when a field changes meaning. Older versions are migrated in ``from_dict``."""
 
+EXPORT_FORMATS = ("safetensors", "gguf")
+"""File formats the export writes (``export.formats``)."""
+GGUF_FAMILIES = ("llama", "mistral")
+"""Model types the GGUF export writes (llama.cpp's ``llama`` architecture)."""
+
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 """Linear layers of a LLaMA-family decoder layer that may carry LoRA."""
 
@@ -671,9 +676,19 @@ class ExportConfig(_Section):
     dtype: str = "auto"
     """Storage dtype of the exported weights: ``auto`` (the input's own dtype, float32 for GGUF input), float32,
     bfloat16 or float16. A job whose export is not smaller than its input fails."""
+    formats: list[str] = field(default_factory=lambda: ["safetensors"])
+    """Files to write: ``safetensors`` (``model/``, always written) and optionally ``gguf`` (``model.gguf`` for
+    llama.cpp, same weights and dtype, tokenizer included; uniform layout, LLaMA/Mistral models; checked by
+    reloading it with transformers' GGUF loader; issue 8)."""
 
     def validate(self, path: str) -> None:
         _check_choice(f"{path}.dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
+        if not isinstance(self.formats, list) or "safetensors" not in self.formats:
+            raise _fail(f"{path}.formats", f"expected a list holding 'safetensors', got {self.formats!r}")
+        for i, name in enumerate(self.formats):
+            _check_choice(f"{path}.formats[{i}]", name, EXPORT_FORMATS)
+        if len(set(self.formats)) != len(self.formats):
+            raise _fail(f"{path}.formats", f"lists a format twice: {self.formats!r}")
 
 
 @dataclass
@@ -760,6 +775,14 @@ class JobSpec(_Section):
             value.validate(sec)
         if self.structures.hidden and not self.export.merge_lora:
             raise _fail("structures.hidden", "hidden-dimension pruning needs export.merge_lora = true")
+        if "gguf" in self.export.formats and not self.export.merge_lora:
+            raise _fail("export.formats", "gguf writes the merged model: it needs export.merge_lora = true")
+        if "gguf" in self.export.formats and self.structures.layout != "uniform":
+            raise _fail(
+                "export.formats",
+                "GGUF holds one width per model (llama.cpp and transformers' GGUF loader): use the uniform layout "
+                "with gguf, or drop gguf for structures.layout per_layer",
+            )
 
     @classmethod
     def from_dict(cls, data: Any, path: str = "", *, unknown_fields: str | None = None) -> JobSpec:

@@ -28,7 +28,7 @@ from lorashear import runstate
 from lorashear.analysis import analyze
 from lorashear.budget import plan_layer_quotas, plan_quotas
 from lorashear.checkpoint import spec_hash
-from lorashear.compression import compress, export, load_exported
+from lorashear.compression import ExportResult, compress, export, load_exported
 from lorashear.config import JobSpec
 from lorashear.errors import ConfigError
 from lorashear.evaluation import evaluate, mean_loss, measure_speed_pair, speed_metrics, zeroshot_metrics
@@ -186,14 +186,38 @@ class _Composer:
         return result
 
     def export(self) -> RunResult:
-        t0, job, state = time.time(), self.job, self.state
+        t0 = time.time()
         self.hooks.emit("export", "stage_start", 0, 2, "writing artifacts")
         staging = staging_dir(self.output_dir)
+        try:
+            ex, report, artifacts = self._write_artifacts(staging, t0)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)  # never leave a half-written export behind
+            raise
+        head = summary(self.state, self.quotas, ex, report)
+        metrics = {f"summary/{k}": float(v) for k, v in head.items()}
+        self.hooks.emit(
+            "export", "stage_end", 2, 2, f"artifacts written: {', '.join(sorted(artifacts))}", metrics=metrics
+        )
+        return RunResult(head, report, artifacts, self.output_dir)
+
+    def _write_artifacts(self, staging: Path, t0: float) -> tuple[ExportResult, dict[str, Any], dict[str, Path]]:
+        """Write and check every artifact in ``staging``, then publish it as the output directory."""
+        job, state = self.job, self.state
         input_bytes = job.input_bytes if job.input_dtype is not None else None  # GGUF: quantised, not comparable
         ex = export(
             job.model, job.tokenizer, self.spec.export, staging, probe_ids=job.data.probe(),
             input_dtype=job.input_dtype, input_bytes=input_bytes,
         )  # fmt: skip
+        if "gguf" in self.spec.export.formats:
+            from lorashear.compression.gguf_export import write_gguf
+
+            self.hooks.emit("export", "log", message="writing model.gguf")
+            ex.gguf_max_abs_logit_diff = write_gguf(
+                staging / "model", staging / "model.gguf", source=job.model_path, probe_ids=job.data.probe()
+            )
+            ex.artifacts["gguf"] = "model.gguf"
+            ex.checks.append("gguf_reload")
         self.hooks.emit("export", "progress", 1, 2, "reload checked")
         speed = None
         if self.spec.evaluation.speed.enabled:  # the input and what a user downloads, interleaved, in one dtype
@@ -209,12 +233,7 @@ class _Composer:
         artifacts = {name: self.output_dir / rel for name, rel in ex.artifacts.items()}
         artifacts |= draw_report(report, staging, self.output_dir)
         artifacts |= publish(staging, self.output_dir, {"plan.json": plan, "report.json": report})
-        head = summary(state, self.quotas, ex, report)
-        metrics = {f"summary/{k}": float(v) for k, v in head.items()}
-        self.hooks.emit(
-            "export", "stage_end", 2, 2, f"artifacts written: {', '.join(sorted(artifacts))}", metrics=metrics
-        )
-        return RunResult(head, report, artifacts, self.output_dir)
+        return ex, report, artifacts
 
 
 def run(

@@ -22,7 +22,7 @@ from typing import Any
 
 from lorashear._autoregister import FAMILIES as PER_LAYER_FAMILIES
 from lorashear.budget import ModelShape, Quotas, estimate_peak_bytes, plan_quotas
-from lorashear.config import JobSpec
+from lorashear.config import GGUF_FAMILIES, JobSpec
 from lorashear.errors import AdapterMismatchError, ConfigError, ModelFileError, UnsupportedModelError
 from lorashear.families import family_for_gguf
 from lorashear.resolve import Roots
@@ -521,6 +521,12 @@ def preflight(spec: JobSpec, roots: Roots, *, memory_limit: int | None = None) -
             f"structures.layout: per_layer needs a per-layer model class, which exists for "
             f"{', '.join(PER_LAYER_FAMILIES)}, not {shape.model_type!r}; use the uniform layout",
             field="structures.layout",
+        )
+    if "gguf" in spec.export.formats and shape.model_type not in GGUF_FAMILIES:
+        raise UnsupportedModelError(
+            f"export.formats: the GGUF export writes {', '.join(GGUF_FAMILIES)} models (llama.cpp's llama "
+            f"architecture), not {shape.model_type!r}; drop gguf",
+            field="export.formats",
         )
     quotas = plan_quotas(shape, spec.target_ratio, spec.structures, spec.analysis.gamma)
     return PreflightResult(model_path, shape, quotas)

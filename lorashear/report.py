@@ -157,6 +157,7 @@ def build_report(
             "dtype": exported.dtype,
             "checks": exported.checks,
             "artifacts": exported.artifacts,
+            "gguf_max_abs_logit_diff": exported.gguf_max_abs_logit_diff,
         },
         "recovery": state.recovery.summary() if state.recovery else None,
         "perplexity": {

@@ -123,6 +123,7 @@ class ExportResult:
         merge_max_abs_logit_diff: logit change from merging the LoRA (rounding only), ``None`` when not merged.
         reload_max_abs_logit_diff: reloaded ``model/`` (with its adapter when not merged) vs the pipeline's logits.
         note: why the class changed, if it did.
+        gguf_max_abs_logit_diff: ``model.gguf`` loaded by transformers vs ``model/`` (``export.formats`` gguf).
     """
 
     artifacts: dict[str, str]
@@ -135,6 +136,7 @@ class ExportResult:
     reload_max_abs_logit_diff: float
     note: str | None = None
     checks: list[str] = field(default_factory=list)
+    gguf_max_abs_logit_diff: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
