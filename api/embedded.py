@@ -65,7 +65,10 @@ def serve(
         overrides["var_dir"] = Path(var_dir)
     settings = Settings(**overrides)
     app = create_app(settings)
-    print(f"lorashear service on http://{host}:{port}  (docs: http://{host}:{port}/docs)", flush=True)
+    base = f"http://{host}:{port}"
+    print(
+        f"lorashear service on {base}  (dashboard: {base}/ui, docs: {base}/docs, metrics: {base}/metrics)", flush=True
+    )
     uvicorn.run(app, host=host, port=port, log_level=log_level)
 
 

@@ -5,7 +5,7 @@ Submit, watch and download in five lines::
     from lorashear.client import Client
 
     client = Client("http://127.0.0.1:8000", api_key="...")
-    job = client.create("examples/stories260k.json")
+    job = client.create("examples/stories260k-20.json")
     job = client.wait(job.id)  # a progress bar per stage; raises JobFailed if the job fails
     client.download(job.id, "model", "out/")  # checks every file's SHA-256
 

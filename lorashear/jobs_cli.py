@@ -2,7 +2,7 @@
 
 Examples::
 
-    lorashear jobs submit examples/stories260k.json --server http://127.0.0.1:8000 --wait
+    lorashear jobs submit examples/stories260k-20.json --server http://127.0.0.1:8000 --wait --download out/
     lorashear jobs list --status running
     lorashear jobs get JOB_ID
     lorashear jobs watch JOB_ID          # a live progress bar per stage until the job ends
@@ -53,12 +53,21 @@ def cmd_submit(args: argparse.Namespace) -> int:
         for w in job.warnings:
             print(f"warning: {w}", file=sys.stderr)
         if not args.wait:
+            if args.download:
+                print("error: --download needs --wait", file=sys.stderr)
+                return 2
             print(job.id if not args.json else json.dumps(job.raw, indent=1))
             return 0
         print(f"submitted {job.id}", file=sys.stderr)
         job = c.wait(job.id, progress=not args.quiet, raise_on_failure=False)
         _print_job(job, args.json)
-        return 0 if job.status == "succeeded" else 1
+        if job.status != "succeeded":
+            return 1
+        if args.download:
+            for name in ("model", "report", "plots", "gguf"):
+                if any(a.name == name for a in job.artifacts):
+                    print(c.download(job.id, name, args.download), file=sys.stderr)
+        return 0
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -111,6 +120,9 @@ def add_commands(sub: Any) -> None:
     s.add_argument("spec", help="job spec file")
     s.add_argument("--wait", action="store_true", help="follow the job with progress bars until it ends")
     s.add_argument("--quiet", "-q", action="store_true", help="with --wait: no progress bars")
+    s.add_argument(
+        "--download", metavar="DIR", default=None, help="with --wait: then download model, report, plots (and gguf)"
+    )
     s.add_argument("--idempotency-key", default=None, help="reuse to make a resubmission return the same job")
     s.add_argument("--allow-unknown-fields", action="store_true", help="warn about unknown spec fields")
     s.set_defaults(func=guarded(cmd_submit))

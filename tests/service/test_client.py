@@ -101,8 +101,9 @@ def _cli(*args: str, env_extra: dict[str, str] | None = None) -> subprocess.Comp
 def test_cli_submit_wait_get_list_download(stack, tmp_path: Path) -> None:
     spec = tmp_path / "spec.json"
     spec.write_text(json.dumps(FAST_SPEC))
-    run = _cli("submit", str(spec), "--server", stack.base_url, "--wait")  # the README's one line
-    assert run.returncode == 0, run.stderr
+    run = _cli("submit", str(spec), "--server", stack.base_url, "--wait", "--download", str(tmp_path / "got"))
+    assert run.returncode == 0, run.stderr  # the README's one line: submit, watch, download
+    assert (tmp_path / "got" / "model" / "config.json").is_file() and (tmp_path / "got" / "report.png").is_file()
     job_id, status = run.stdout.split()[:2]
     assert status == "succeeded" and "removed " in run.stdout and "ppl " in run.stdout
     assert "recover" in run.stderr  # the progress bars, one per stage
