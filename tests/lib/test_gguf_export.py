@@ -4,7 +4,9 @@ GGUF loader, carries a tokenizer that encodes like the HF one, and a wrong file 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,7 @@ from lorashear.modeling import load_model, load_tokenizer
 from lorashear.pipeline import run
 from lorashear.resolve import BUNDLED_MODEL_ROOT
 
+ROOT = Path(__file__).resolve().parents[2]
 STORIES = BUNDLED_MODEL_ROOT / "stories260K"
 STORIES_GGUF = BUNDLED_MODEL_ROOT / "stories260K-gguf" / "stories260K.gguf"
 TEXT = "Once upon a time, there was a little girl named Lily. She loved to play outside."
@@ -140,3 +143,36 @@ def test_a_failed_export_leaves_no_output_or_staging(tmp_path: Path, monkeypatch
     with pytest.raises(ExactnessError):
         run(JobSpec.from_dict(SPEC), tmp_path / "out", work_dir=tmp_path / "work")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["work"]  # no out/, no .out.staging-*
+
+
+NODE_LLAMA_CPP = os.environ.get("NODE_LLAMA_CPP")  # a node_modules directory holding node-llama-cpp
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not NODE_LLAMA_CPP or shutil.which("node") is None,
+    reason="set NODE_LLAMA_CPP to a node_modules with node-llama-cpp (npm install node-llama-cpp@3) to run llama.cpp",
+)
+def test_llama_cpp_reads_the_pruned_gguf_like_transformers(tmp_path: Path) -> None:
+    """llama.cpp itself (node-llama-cpp's prebuilt binary) tokenizes like the HF tokenizer and continues greedily
+    with the same tokens as transformers, on a pruned model whose head count no longer divides the hidden size."""
+    from transformers import AutoModelForCausalLM
+
+    run(JobSpec.from_dict(SPEC), tmp_path / "out")
+    out = tmp_path / "out"
+    tok = load_tokenizer(out / "model")
+    ids = tok(TEXT).input_ids
+    model = AutoModelForCausalLM.from_pretrained(str(out / "model"), dtype=torch.float32).eval()
+    with torch.no_grad():
+        hf = model.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False)[0, len(ids) :].tolist()
+    proc = subprocess.run(
+        ["node", str(ROOT / "scripts" / "llamacpp_greedy.mjs"), str(out / "model.gguf"), json.dumps(ids), "24", TEXT],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "NODE_PATH": NODE_LLAMA_CPP or ""},
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["out"] == hf
+    assert got["tokens"] == tok(TEXT, add_special_tokens=False).input_ids
