@@ -65,6 +65,7 @@ def create_app(settings: Settings | None = None, *, dispatcher: Dispatcher | Non
         redoc_url=None,
         openapi_url="/openapi.json",
         static_url="/static/docs",
+        swagger_ui_parameters={"validatorUrl": None},  # no call to validator.swagger.io: fully offline
     )
     engine = make_engine(
         settings.db_url,

@@ -41,6 +41,8 @@ WAIT_BUCKETS = (1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 4 * 3600.0, 24 * 360
 """Queue wait buckets, seconds (a job waits for a free GPU worker: seconds to hours)."""
 RUN_BUCKETS = (10.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 3 * 3600.0, 6 * 3600.0, 12 * 3600.0, 24 * 3600.0)
 """Run time buckets, seconds (a pipeline takes minutes on a small model, hours on a 7B one)."""
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+"""Methods kept as labels; any other becomes ``other`` (bounded cardinality whatever clients send)."""
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -77,6 +79,10 @@ class JobCollector(Collector):
         self.sessions = sessions
         self._lock = threading.Lock()
         self._cached: tuple[float, list[Metric]] | None = None
+
+    def describe(self) -> Iterator[Metric]:
+        """Nothing: registering must not query the database (it may not be migrated yet)."""
+        return iter(())
 
     def collect(self) -> Iterator[Metric]:
         with self._lock:
@@ -163,9 +169,9 @@ class RequestMetrics:
             observed = True
             route = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"
-            self.histogram.labels(scope.get("method", "GET"), template, f"{status['code'] // 100}xx").observe(
-                time.perf_counter() - start
-            )
+            method = scope.get("method", "GET")
+            method = method if method in METHODS else "other"  # a client must not grow the label set
+            self.histogram.labels(method, template, f"{status['code'] // 100}xx").observe(time.perf_counter() - start)
 
         async def wrapped(message: Message) -> None:
             if message["type"] == "http.response.start":

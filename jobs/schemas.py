@@ -37,6 +37,17 @@ def _spec_schema(schema: dict[str, Any]) -> None:
     type, default, bounds and docstring; :func:`lorashear.config.section_schema`). At run time a section stays a
     plain object: the library validates it and names the field at fault (issue 8)."""
     schema["examples"] = [EXAMPLE_SPEC]
+    top = config.section_schema(config.JobSpec)["properties"]
+    for name in ("model", "target_ratio", "adapter", "seed", "version"):
+        generated = dict(top[name])
+        if name == "seed":
+            generated.update(minimum=0, maximum=2**32 - 1)
+        if name == "target_ratio":
+            generated["maximum"] = 0.9  # JobSpec.validate: more than 90% is refused
+            generated.pop("exclusiveMaximum", None)
+        if name == "model":
+            generated.pop("default", None)
+        schema["properties"][name] = generated
     for name, cls in SECTIONS.items():
         generated = config.section_schema(cls)
         schema["properties"][name] = {

@@ -69,6 +69,15 @@ class ChecksumMismatch(ClientError):
     """A downloaded file's SHA-256 differs from the artifact's manifest; the file was not kept."""
 
 
+class InvalidInput(ClientError, ValueError):
+    """An argument this client refuses before sending anything: a malformed server URL, API key or id, a spec that
+    is not a JSON object (or holds NaN), an unreadable spec file, a download destination that is a file."""
+
+
+class DestinationExists(ClientError, FileExistsError):
+    """:meth:`Client.download` would replace an existing file or directory (pass ``overwrite=True`` to allow it)."""
+
+
 class APIError(ClientError):
     """An error answer of the API, ``{"error": {"code", "message", "field"}}``.
 
@@ -193,6 +202,9 @@ ERROR_TYPES: dict[str, type[APIError]] = {
     "idempotency_key_reused": IdempotencyKeyReused,
     "artifact_gone": ArtifactGone,
     "payload_too_large": PayloadTooLarge,
+    "body_too_large": PayloadTooLarge,
+    "method_not_allowed": BadRequest,
+    "http_error": BadRequest,
     "unsupported_media_type": UnsupportedMediaType,
     "invalid_spec": InvalidSpec,
     "invalid_json": InvalidJSON,
@@ -423,9 +435,17 @@ class Client:
     ) -> None:
         base_url = base_url or os.environ.get("LORASHEAR_SERVER") or DEFAULT_SERVER
         api_key = api_key if api_key is not None else os.environ.get("LORASHEAR_API_KEY")
+        try:
+            url = httpx.URL(base_url)
+        except (httpx.InvalidURL, TypeError) as exc:
+            raise InvalidInput(f"server URL {base_url!r}: {exc}") from None
+        if url.scheme not in ("http", "https") or not url.host:
+            raise InvalidInput(f"server URL {base_url!r}: expected http://HOST[:PORT] or https://HOST[:PORT]")
         headers = {"User-Agent": "lorashear-client/1", "Accept": "application/json"}
         if api_key:
-            headers["Authorization"] = f"Bearer {api_key}"
+            if not api_key.isascii() or not api_key.isprintable() or " " in api_key.strip():
+                raise InvalidInput("API key: expected printable ASCII without spaces")
+            headers["Authorization"] = f"Bearer {api_key.strip()}"
         self.base_url = base_url.rstrip("/")
         self.retries, self.backoff = max(0, retries), backoff
         self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout, transport=transport)
@@ -450,6 +470,8 @@ class Client:
         for attempt in range(self.retries + 1):
             try:
                 r = self._http.request(method, url, **kw)
+            except (httpx.UnsupportedProtocol, httpx.LocalProtocolError, httpx.InvalidURL) as exc:
+                raise InvalidInput(f"{method} {url}: {exc}") from None
             except (httpx.TransportError, httpx.DecodingError) as exc:
                 last = exc
                 if attempt < self.retries:
@@ -489,10 +511,25 @@ class Client:
             IdempotencyKeyReused: the key was used before with another spec.
             ConnectionFailed, APIError: see the module docstring.
         """
-        body = load_spec(spec) if not isinstance(spec, Mapping) else dict(spec)
-        headers = {"Idempotency-Key": idempotency_key or str(uuid.uuid4())}
+        if isinstance(spec, Mapping):
+            body = dict(spec)
+        elif isinstance(spec, str) and spec.lstrip().startswith("{"):  # JSON text rather than a file name
+            try:
+                body = json.loads(spec)
+            except json.JSONDecodeError as exc:
+                raise InvalidInput(f"spec: not valid JSON: {exc}") from None
+        elif isinstance(spec, (str, os.PathLike)):
+            body = load_spec(spec)
+        else:
+            raise InvalidInput(f"spec: expected a mapping, JSON text or a file path, got {type(spec).__name__}")
+        try:
+            content = json.dumps(body, allow_nan=False).encode()
+        except (TypeError, ValueError) as exc:
+            raise InvalidInput(f"spec: not representable as JSON ({exc}); NaN and infinities are not JSON") from None
+        headers = {"Idempotency-Key": idempotency_key or str(uuid.uuid4()), "Content-Type": "application/json"}
         params = {"allow_unknown_fields": "true"} if allow_unknown_fields else None
-        return Job.from_json(self._request("POST", "/v1/jobs", json=body, headers=headers, params=params).json())
+        r = self._request("POST", "/v1/jobs", content=content, headers=headers, params=params)
+        return Job.from_json(r.json())
 
     def get(self, job_id: str) -> Job:
         """One job. Raises :class:`NotFound` for an unknown (or someone else's) job."""
@@ -552,14 +589,27 @@ class Client:
                     yield ev
                 if not page.get("has_more"):
                     return
+        yield from self._follow(job_id, path, after, None)
+
+    def _follow(self, job_id: str, path: str, after: int, deadline: float | None) -> Iterator[Event]:
+        """The SSE stream from ``after`` until ``end``; raises :class:`_Deadline` once ``deadline`` (monotonic)
+        passes, even while no event arrives (the server sends a keepalive comment every 15 s)."""
+
+        def lines(r: httpx.Response) -> Iterator[str]:
+            for line in r.iter_lines():
+                if deadline is not None and time.monotonic() > deadline:
+                    raise _Deadline
+                yield line
+
         failures = 0
         while True:
             headers = {"Accept": "text/event-stream"}
             if after:
                 headers["Last-Event-ID"] = str(after)
+            read = None if deadline is None else max(0.5, min(30.0, deadline - time.monotonic()))
             try:
                 with self._http.stream(
-                    "GET", path, params={"after": after}, headers=headers, timeout=httpx.Timeout(30.0, read=None)
+                    "GET", path, params={"after": after}, headers=headers, timeout=httpx.Timeout(30.0, read=read)
                 ) as r:
                     if r.status_code >= 400:
                         r.read()
@@ -569,14 +619,18 @@ class Client:
                             self._sleep(failures, err.retry_after)
                             continue
                         raise err
-                    for name, data, event_id in _sse(r.iter_lines()):
+                    for name, data, event_id in _sse(lines(r)):
                         failures = 0
                         if name == "end":
                             return
                         if event_id is not None:
                             after = max(after, event_id)
                         yield Event.from_json(json.loads(data))
+            except (httpx.UnsupportedProtocol, httpx.LocalProtocolError, httpx.InvalidURL) as exc:
+                raise InvalidInput(f"GET {path}: {exc}") from None
             except (httpx.TransportError, httpx.DecodingError) as exc:
+                if deadline is not None and time.monotonic() > deadline:
+                    raise _Deadline from None
                 failures += 1
                 if failures > self.retries:
                     raise ConnectionFailed(f"event stream of {job_id}: {type(exc).__name__}: {exc}") from exc
@@ -603,16 +657,16 @@ class Client:
         deadline = None if timeout is None else time.monotonic() + timeout
         bars = _Bars(progress)
         try:
-            for ev in self.events(job_id):
+            for ev in self._follow(job_id, f"/v1/jobs/{_segment(job_id)}/events", 0, deadline):
                 bars.update(ev)
-                if deadline is not None and time.monotonic() > deadline:
-                    raise TimeoutError(f"job {job_id} still running after {timeout} s")
+        except _Deadline:
+            raise TimeoutError(f"job {job_id} still {self.get(job_id).status} after {timeout} s") from None
         finally:
             bars.close()
         job = self.get(job_id)
         while not job.terminal:  # the stream ended with the job; the row may lag by a poll
             if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"job {job_id} still running after {timeout} s")
+                raise TimeoutError(f"job {job_id} still {job.status} after {timeout} s")
             time.sleep(0.5)
             job = self.get(job_id)
         if raise_on_failure and job.status != "succeeded":
@@ -620,13 +674,17 @@ class Client:
         return job
 
     # -- downloads --------------------------------------------------------------------------------------------------
-    def download(self, job_id: str, artifact: str = "model", dest: str | os.PathLike[str] = ".") -> Path:
+    def download(
+        self, job_id: str, artifact: str = "model", dest: str | os.PathLike[str] = ".", *, overwrite: bool = False
+    ) -> Path:
         """Download an artifact into ``dest`` (a directory, created if needed) and check its SHA-256.
 
         Args:
             artifact: the artifact's name (``model``, ``plan``, ``report``, ...) or id.
             dest: directory to write into: a file artifact lands as ``dest/<file name>``, a directory artifact as
                 ``dest/<name>/``. Nothing is left behind when a check fails.
+            overwrite: replace an existing ``dest/<file name>`` or ``dest/<name>/`` (default: refuse, before
+                anything is downloaded).
 
         Returns:
             The path of the downloaded file or directory.
@@ -634,6 +692,8 @@ class Client:
         Raises:
             NotFound: no such artifact (the job has not finished, or the name is unknown).
             ChecksumMismatch: a file's digest (or the manifest's) differs from what the service recorded.
+            DestinationExists: the target exists and ``overwrite`` is false.
+            InvalidInput: ``dest`` is a file, or cannot be created.
         """
         arts = self.artifacts(job_id)
         match = [a for a in arts if artifact in (a.name, a.id)]
@@ -642,7 +702,14 @@ class Client:
             raise NotFound(404, "not_found", f"job {job_id} has no artifact {artifact!r} (has: {names})", "artifact")
         art = match[0]
         dest = Path(dest)
-        dest.mkdir(parents=True, exist_ok=True)
+        if art.kind != "file":
+            _check_target(dest / art.name, overwrite)
+        try:
+            dest.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            raise InvalidInput(f"download destination {dest} is a file, not a directory") from None
+        except OSError as exc:
+            raise InvalidInput(f"download destination {dest}: {exc.strerror or exc}") from None
         url = f"/v1/jobs/{_segment(job_id)}/artifacts/{_segment(art.id)}/content"
         with tempfile.TemporaryDirectory(prefix=".lorashear-download-", dir=dest) as tmp:
             part = Path(tmp) / "download"
@@ -650,13 +717,19 @@ class Client:
             if art.kind == "file":
                 _check(part, art.sha256, art.name)
                 target = dest / (served or art.name)
+                _check_target(target, overwrite)
+                if target.is_dir() and not target.is_symlink():
+                    shutil.rmtree(target)
                 part.replace(target)
                 return target
             unpacked = Path(tmp) / "unpacked"
             _untar(part, unpacked, art)
             target = dest / art.name
-            if target.exists():
-                shutil.rmtree(target) if target.is_dir() else target.unlink()
+            _check_target(target, overwrite)
+            if target.is_symlink() or target.is_file():
+                target.unlink()
+            elif target.exists():
+                shutil.rmtree(target)
             (unpacked / art.name).replace(target)
             return target
 
@@ -688,30 +761,45 @@ def load_spec(path: str | os.PathLike[str]) -> dict[str, Any]:
     """A spec file as a dict: JSON, or YAML (``.yaml``/``.yml``, needs PyYAML).
 
     Raises:
-        FileNotFoundError: no such file.
-        ValueError: the file is not a JSON (or YAML) object.
+        InvalidInput: the file cannot be read, or is not a JSON (or YAML) object.
     """
     p = Path(path)
-    text = p.read_text(encoding="utf-8")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidInput(f"spec file {p}: {getattr(exc, 'strerror', None) or exc}") from None
     if p.suffix.lower() in (".yaml", ".yml"):
         import yaml  # type: ignore[import-untyped]
 
-        data = yaml.safe_load(text)
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+            raise InvalidInput(
+                f"spec file {p}: not valid YAML{where}: {getattr(exc, 'problem', None) or exc}"
+            ) from None
     else:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{p}: not valid JSON: {exc}") from None
+            raise InvalidInput(f"spec file {p}: not valid JSON: {exc}") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{p}: a job spec must be an object, got {type(data).__name__}")
+        raise InvalidInput(f"spec file {p}: a job spec must be an object, got {type(data).__name__}")
     return data
 
 
 def _segment(value: str) -> str:
-    """A path segment, refusing anything that would change the URL's path."""
-    if not value or "/" in value or value in (".", "..") or any(c in value for c in "?#%\\"):
-        raise ValueError(f"invalid id {value!r}")
+    """A path segment (a job or artifact id), refusing anything that would change the URL's path."""
+    ok = isinstance(value, str) and 0 < len(value) <= 200 and value.isascii() and value.isprintable()
+    if not ok or "/" in value or value in (".", "..") or any(c in value for c in "?#% \\"):
+        raise InvalidInput(f"invalid id {str(value)[:80]!r}: expected the id the service returned (e.g. job_...)")
     return value
+
+
+def _check_target(target: Path, overwrite: bool) -> None:
+    if (target.exists() or target.is_symlink()) and not overwrite:
+        raise DestinationExists(f"{target} exists; pass overwrite=True (CLI: --overwrite) to replace it")
 
 
 def _disposition_name(header: str) -> str | None:
@@ -789,6 +877,10 @@ def _sse(lines: Iterator[str]) -> Iterator[tuple[str, str, int | None]]:
             data.append(value)
         elif key == "id" and value.isdigit():
             event_id = int(value)
+
+
+class _Deadline(Exception):
+    """Internal: :meth:`Client.wait`'s timeout passed while following the stream."""
 
 
 class _Bars:

@@ -889,9 +889,12 @@ def _bounds(cls: type) -> dict[str, dict[str, Any]]:
         fn, (where, value) = node.func.id, node.args[:2]
         if fn not in ("_check_int", "_check_ratio", "_check_positive", "_check_choice"):
             continue
-        if not isinstance(where, ast.JoinedStr):
+        if isinstance(where, ast.Constant) and isinstance(where.value, str):  # a top-level field: "target_ratio"
+            tail = "." + where.value
+        elif isinstance(where, ast.JoinedStr):
+            tail = "".join(p.value for p in where.values if isinstance(p, ast.Constant) and isinstance(p.value, str))
+        else:
             continue
-        tail = "".join(p.value for p in where.values if isinstance(p, ast.Constant) and isinstance(p.value, str))
         m = re.match(r"^\.([a-z_]+)(\[)?", tail)
         if not m:
             continue

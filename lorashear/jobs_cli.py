@@ -48,14 +48,14 @@ def _print_job(job: Any, as_json: bool) -> None:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
+    if args.download and not args.wait:  # refuse before anything is submitted
+        print("error: --download needs --wait", file=sys.stderr)
+        return 2
     with _client(args) as c:
         job = c.create(args.spec, idempotency_key=args.idempotency_key, allow_unknown_fields=args.allow_unknown_fields)
         for w in job.warnings:
             print(f"warning: {w}", file=sys.stderr)
         if not args.wait:
-            if args.download:
-                print("error: --download needs --wait", file=sys.stderr)
-                return 2
             print(job.id if not args.json else json.dumps(job.raw, indent=1))
             return 0
         print(f"submitted {job.id}", file=sys.stderr)
@@ -66,7 +66,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         if args.download:
             for name in ("model", "report", "plots", "gguf"):
                 if any(a.name == name for a in job.artifacts):
-                    print(c.download(job.id, name, args.download), file=sys.stderr)
+                    print(c.download(job.id, name, args.download, overwrite=args.overwrite), file=sys.stderr)
         return 0
 
 
@@ -100,7 +100,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 def cmd_download(args: argparse.Namespace) -> int:
     with _client(args) as c:
-        path = c.download(args.job_id, args.artifact, args.output)
+        path = c.download(args.job_id, args.artifact, args.output, overwrite=args.overwrite)
     print(path)
     return 0
 
@@ -123,6 +123,7 @@ def add_commands(sub: Any) -> None:
     s.add_argument(
         "--download", metavar="DIR", default=None, help="with --wait: then download model, report, plots (and gguf)"
     )
+    s.add_argument("--overwrite", action="store_true", help="with --download: replace existing files")
     s.add_argument("--idempotency-key", default=None, help="reuse to make a resubmission return the same job")
     s.add_argument("--allow-unknown-fields", action="store_true", help="warn about unknown spec fields")
     s.set_defaults(func=guarded(cmd_submit))
@@ -148,6 +149,7 @@ def add_commands(sub: Any) -> None:
     d.add_argument("job_id")
     d.add_argument("artifact", nargs="?", default="model", help="model, plan, report, adapter, ... (default model)")
     d.add_argument("--output", "-o", default=".", help="directory to write into (default: here)")
+    d.add_argument("--overwrite", action="store_true", help="replace an existing file or directory of that name")
     d.set_defaults(func=guarded(cmd_download))
 
 
@@ -161,7 +163,14 @@ def guarded(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.
 
 
 def _run(command: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
-    from lorashear.client import APIError, ChecksumMismatch, ConnectionFailed, JobFailed
+    from lorashear.client import (
+        APIError,
+        ChecksumMismatch,
+        ConnectionFailed,
+        DestinationExists,
+        InvalidInput,
+        JobFailed,
+    )
 
     try:
         return int(command(args))
@@ -172,7 +181,13 @@ def _run(command: Callable[[argparse.Namespace], int], args: argparse.Namespace)
     except ConnectionFailed as exc:
         print(f"error: cannot reach the service: {exc}", file=sys.stderr)
         return 3
+    except (InvalidInput, DestinationExists) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except (JobFailed, ChecksumMismatch) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except TimeoutError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except (OSError, ValueError) as exc:  # unreadable spec file, bad id

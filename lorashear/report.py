@@ -140,7 +140,7 @@ def build_report(
             "dtype": str(job.dtype),
             "threads": torch.get_num_threads(),
             "seed": spec.seed,
-            "argv": sys.argv[:1],
+            "program": Path(sys.argv[0]).name if sys.argv else None,  # no server path
         },
         "structures": {"sets": structures.summary(), "spaces": structures.spaces, "checks": structures.checks},
         "quotas": quotas.to_dict(),

@@ -69,8 +69,8 @@ class Roots:
         root = root.resolve()
         try:
             path = (root / name).resolve()
-        except (OSError, RuntimeError) as exc:  # e.g. a symlink loop
-            raise ConfigError(f"{field}: {name!r} cannot be resolved: {exc}", field=field) from None
+        except (OSError, RuntimeError):  # e.g. a symlink loop; the message names no server path
+            raise ConfigError(f"{field}: {name!r} cannot be resolved (a symlink loop?)", field=field) from None
         if path != root and root not in path.parents:  # a symlink pointing out of the root
             raise ConfigError(f"{field}: {name!r} resolves outside the configured root", field=field)
         return path
@@ -80,8 +80,12 @@ class Roots:
         hidden entries and anything resolving outside the root are skipped)."""
         out = []
         for path, rel in _walk(self.model_root.resolve(), max_depth):
+            if not _usable(rel):
+                continue
             if path.is_dir() and (path / "config.json").is_file():
-                out.append(Entry(rel, "model", _tree_size(path), _model_type(path / "config.json")))
+                model_type = _model_type(path / "config.json")
+                if model_type is not None:  # an unreadable config.json is no model a job could load
+                    out.append(Entry(rel, "model", _tree_size(path), model_type))
             elif path.is_dir() and (path / "adapter_config.json").is_file():
                 out.append(Entry(rel, "adapter", _tree_size(path)))
             elif path.is_file() and path.suffix == ".gguf":
@@ -94,7 +98,7 @@ class Roots:
         """Data files a spec may name (:data:`DATA_SUFFIXES`), sorted by name (at most :data:`MAX_LISTED`)."""
         out = []
         for path, rel in _walk(self.data_root.resolve(), max_depth):
-            if path.is_file() and path.suffix in DATA_SUFFIXES and path.stat().st_size > 0:
+            if _usable(rel) and path.is_file() and path.suffix in DATA_SUFFIXES and path.stat().st_size > 0:
                 out.append(Entry(rel, "data", path.stat().st_size))
                 if len(out) >= MAX_LISTED:
                     break
@@ -176,6 +180,15 @@ def _walk(root: Path, max_depth: int) -> Iterator[tuple[Path, str]]:
         level = nxt
 
 
+def _usable(name: str) -> bool:
+    """Whether a spec may name ``name`` (:func:`lorashear.config.check_name`): the catalog lists only those."""
+    try:
+        check_name("name", name)
+    except ConfigError:
+        return False
+    return True
+
+
 def _tree_size(path: Path) -> int:
     total = 0
     for f in path.rglob("*"):
@@ -192,4 +205,4 @@ def _model_type(config: Path) -> str | None:
         value = json.loads(config.read_text(encoding="utf-8")).get("model_type")
     except (OSError, ValueError, AttributeError):
         return None
-    return str(value) if value is not None else None
+    return str(value) if isinstance(value, str) and value else None

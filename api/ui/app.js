@@ -182,17 +182,27 @@ function widths(node, quotas, nLayers) { // per-layer lists (per_layer layout) o
 }
 
 // -- views ----------------------------------------------------------------------------------------------------------
-async function listView(root, status) {
+async function listView(root, status, after) {
   const filters = el("p", { class: "filters" }, ...[null, ...STATUSES].map((s) =>
     el("a", { href: s ? `#/?status=${s}` : "#/", class: s === status ? "on" : null }, s || "all")));
   const body = el("tbody", {});
   const table = el("table", { id: "jobs" },
     el("thead", {}, el("tr", {}, ...["job", "status", "stage", "progress", "model", "removed", "ppl dense → recovered", "created"].map((h) => el("th", {}, h)))), body);
   const msg = el("div", {});
-  root.replaceChildren(el("h2", {}, "Jobs"), filters, msg, table);
+  const pager = el("p", { class: "filters" });
+  root.replaceChildren(el("h2", {}, "Jobs"), filters, msg, table, pager);
   async function load() {
     try {
-      const page = await apiJSON("/v1/jobs?limit=100" + (status ? "&status=" + encodeURIComponent(status) : ""));
+      const q = new URLSearchParams({ limit: "50" });
+      if (status) q.set("status", status);
+      if (after) q.set("after", after);
+      const page = await apiJSON("/v1/jobs?" + q.toString());
+      const here = new URLSearchParams(status ? { status } : {});
+      const next = new URLSearchParams(here);
+      if (page.next_cursor) next.set("after", page.next_cursor);
+      pager.replaceChildren(
+        after ? el("a", { href: "#/?" + here.toString(), id: "first-page" }, "« newest") : "",
+        page.has_more ? el("a", { href: "#/?" + next.toString(), id: "next-page" }, "older »") : "");
       msg.replaceChildren(page.data.length ? "" : el("p", { class: "hint" }, "No jobs yet: submit one."));
       body.replaceChildren(...page.data.map((j) => {
         const s = j.summary || {};
@@ -486,7 +496,7 @@ async function route() {
   if (job) return jobView(root, job[1]);
   if (hash === "#/new") return newView(root);
   const q = new URLSearchParams(hash.split("?")[1] || "");
-  return listView(root, STATUSES.includes(q.get("status")) ? q.get("status") : null);
+  return listView(root, STATUSES.includes(q.get("status")) ? q.get("status") : null, q.get("after"));
 }
 
 document.getElementById("api-key").value = state.key;

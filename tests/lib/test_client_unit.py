@@ -226,3 +226,99 @@ def test_sse_parser_follows_the_event_stream_format() -> None:
         "",
     ]
     assert list(lc._sse(iter(lines))) == [("progress", "a\nb", 7), ("end", "x", None)]
+
+
+def test_download_refuses_to_replace_unless_asked(tmp_path: Path) -> None:
+    files = {"config.json": b'{"a": 1}'}
+    art, body = _artifact(files)
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/artifacts"):
+            return httpx.Response(200, json={"object": "list", "data": [art]})
+        return httpx.Response(200, content=body, headers={"Content-Type": "application/x-tar"})
+
+    c = _client(handler)
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "my_notes.txt").write_text("precious")
+    with pytest.raises(lc.DestinationExists):
+        c.download("job_1", "model", tmp_path)
+    assert (tmp_path / "model" / "my_notes.txt").read_text() == "precious"
+    out = c.download("job_1", "model", tmp_path, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json"]
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(lc.InvalidInput):
+        c.download("job_1", "model", tmp_path / "afile")
+
+
+def test_bad_arguments_raise_invalid_input_before_any_request(tmp_path: Path) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:  # pragma: no cover - nothing may be sent
+        raise AssertionError(f"sent {request.method} {request.url}")
+
+    for url in ("127.0.0.1:8000", "ftp://host", "http://"):
+        with pytest.raises(lc.InvalidInput):
+            lc.Client(url, transport=httpx.MockTransport(handler))
+    for key in ("clé", "a\nb", "two words"):
+        with pytest.raises(lc.InvalidInput):
+            lc.Client("http://svc", api_key=key, transport=httpx.MockTransport(handler))
+    c = _client(handler)
+    for bad in ("\n", "x" * 1000, "ünï", "a b"):
+        with pytest.raises(lc.InvalidInput):
+            c.get(bad)
+    for spec in ([1, 2], 3, {"model": "m", "target_ratio": float("nan")}, "{not json"):
+        with pytest.raises(lc.InvalidInput):
+            c.create(spec)  # type: ignore[arg-type]
+    bad_yaml = tmp_path / "spec.yaml"
+    bad_yaml.write_text("model: [unclosed\n")
+    with pytest.raises(lc.InvalidInput, match="YAML"):
+        c.create(bad_yaml)
+    with pytest.raises(lc.InvalidInput, match="No such file"):
+        c.create(tmp_path / "missing.json")
+    assert issubclass(lc.InvalidInput, lc.ClientError)
+
+
+def test_create_accepts_json_text() -> None:
+    sent: list[bytes] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        sent.append(request.content)
+        return httpx.Response(201, json=JOB)
+
+    _client(handler).create('{"model": "stories260K"}')
+    assert json.loads(sent[0]) == {"model": "stories260K"}
+
+
+def test_wait_times_out_while_no_event_arrives() -> None:
+    import time
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/events"):  # only keepalives: a job queued behind others
+            return httpx.Response(200, content=b": keepalive\n\n" * 3, headers=SSE)
+        return httpx.Response(200, json=JOB)
+
+    c = lc.Client("http://svc", backoff=0.05, retries=1000, transport=httpx.MockTransport(handler))
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError, match="still queued"):
+        c.wait("job_1", progress=False, timeout=0.5)
+    assert time.monotonic() - t0 < 5
+
+
+def test_catalog_lists_only_names_a_spec_can_use(tmp_path: Path) -> None:
+    from lorashear.resolve import Roots
+
+    models, data = tmp_path / "models", tmp_path / "data"
+    for name, cfg in (("good", '{"model_type": "llama"}'), ("has space", '{"model_type": "llama"}'), ("broken", "{")):
+        (models / name).mkdir(parents=True)
+        (models / name / "config.json").write_text(cfg)
+    (models / "loop").symlink_to(models / "loop")
+    (models / "out").symlink_to("/etc")
+    (models / "m.gguf").write_bytes(b"GGUF")
+    data.mkdir()
+    for name in ("ok.txt", "sp ace.txt", "new\nline.txt", ".hidden.txt"):
+        (data / name).write_text("text")
+    (data / "empty.txt").write_text("")
+    roots = Roots(models, data)
+    assert [(e.name, e.kind) for e in roots.list_models()] == [("good", "model"), ("m.gguf", "gguf")]
+    assert [e.name for e in roots.list_data()] == ["ok.txt"]
+    with pytest.raises(Exception) as err:
+        roots.model("loop")
+    assert str(tmp_path) not in str(err.value)  # no server path in the message

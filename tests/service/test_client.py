@@ -115,6 +115,12 @@ def test_cli_submit_wait_get_list_download(stack, tmp_path: Path) -> None:
     assert dl.returncode == 0, dl.stderr
     assert Path(dl.stdout.strip()).is_file()
 
+    before = len(_cli("list", "--server", stack.base_url, "--limit", "1000").stdout.splitlines())
+    early = _cli("submit", str(spec), "--server", stack.base_url, "--download", str(tmp_path / "x"))
+    assert early.returncode == 2 and "--wait" in early.stderr  # refused before anything is submitted
+    assert len(_cli("list", "--server", stack.base_url, "--limit", "1000").stdout.splitlines()) == before
+    again = _cli("download", job_id, "plan", "-o", str(tmp_path / "out"), "--server", stack.base_url)
+    assert again.returncode == 2 and "exists" in again.stderr  # never replaced silently
     spec.write_text(json.dumps({**FAST_SPEC, "target_ratio": 3}))
     bad = _cli("submit", str(spec), "--server", stack.base_url)
     assert bad.returncode == 2 and "[target_ratio]" in bad.stderr and "Traceback" not in bad.stderr
@@ -146,6 +152,9 @@ def test_metrics_are_scraped_and_parse(stack, client: httpx.Client) -> None:
     assert lat and lat[0].value >= 1 and lat[0].labels["status"] == "2xx"
     assert not re.search(r"job_[0-9a-f]{8}", r.text) and API_KEY not in r.text  # aggregates only
     assert "lorashear_worker_heartbeat_age_seconds" in families
+    httpx.request("FOOBAR", f"{stack.base_url}/v1/jobs", timeout=10)  # any method name: one bounded label
+    text = httpx.get(f"{stack.base_url}/metrics", timeout=30).text
+    assert "FOOBAR" not in text and 'method="other"' in text
 
 
 def test_catalog_lists_names_not_paths(stack, client: httpx.Client) -> None:
@@ -162,7 +171,8 @@ def test_catalog_lists_names_not_paths(stack, client: httpx.Client) -> None:
 def test_docs_work_offline_and_spec_sections_are_typed(stack) -> None:
     page = httpx.get(f"{stack.base_url}/docs", timeout=10)
     assert page.status_code == 200
-    assert "cdn" not in page.text.lower() and "https://" not in page.text.replace("https://fastapi", "")
+    assert "cdn" not in page.text.lower() and "https://" not in page.text
+    assert '"validatorUrl": null' in page.text  # Swagger UI would otherwise call validator.swagger.io
     for asset in ("swagger-ui-bundle.js", "swagger-ui.css"):
         r = httpx.get(f"{stack.base_url}/static/docs/{asset}", timeout=10)
         assert r.status_code == 200 and len(r.content) > 10_000, asset
