@@ -29,6 +29,17 @@ _lock = threading.Lock()
 _cache: dict[tuple[int, str], DB] = {}
 
 
+def _reset_lock_in_child() -> None:
+    """A forked child gets a fresh lock: the parent's reconciler thread may hold ``_lock`` at the instant Celery's
+    prefork pool forks a new job process, and a lock copied while held is never released in the child (the job
+    process then hangs before it starts; seen in tests/reliability as a job left ``queued``)."""
+    global _lock
+    _lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_reset_lock_in_child)
+
+
 def database(settings: Settings) -> DB:
     """The process's engine for ``settings.db_url`` (created on first use in this process)."""
     key = (os.getpid(), settings.db_url)

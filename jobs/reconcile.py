@@ -17,6 +17,7 @@ message is harmless because claiming is atomic.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -156,15 +157,36 @@ class ReconcilerThread(threading.Thread):
         self.dispatcher = dispatcher
         self._stop_event = threading.Event()
         self.guard = OutageGuard(settings.stale_after)
+        self._pass_lock = threading.Lock()
 
     def run(self) -> None:
         """Loop until :meth:`stop`; errors are logged and the loop continues."""
         interval = self.settings.reconcile_interval
         while not self._stop_event.wait(interval):
             try:
-                self.guard.run(self.settings, self.dispatcher)
+                with self._pass_lock:
+                    self.guard.run(self.settings, self.dispatcher)
             except Exception:
                 log.exception("reconciler pass failed")
+
+    def hold_forks_during_passes(self) -> None:
+        """Make ``fork`` in this process wait for the current pass to end.
+
+        Celery's prefork pool forks a fresh job process after every job (``worker_max_tasks_per_child`` 1). A fork
+        copies every lock as it stands; when it lands while this thread is inside a pass (importing a module on
+        first use, holding the engine cache's lock, in a driver call), the child waits forever on a lock nobody in
+        it will release, and the job stays ``queued`` (seen in tests/reliability: the first pass, 2 s after start,
+        met the fork that followed a 1.9 s job). Passes are short; a fork waits at most one.
+        """
+
+        def reset_in_child() -> None:
+            self._pass_lock = threading.Lock()  # the copy is held (taken by ``before``): the child gets a new one
+
+        os.register_at_fork(  # look the lock up at each fork: a child replaces it
+            before=lambda: self._pass_lock.acquire(),
+            after_in_parent=lambda: self._pass_lock.release(),
+            after_in_child=reset_in_child,
+        )
 
     def stop(self) -> None:
         """Stop after the current pass."""

@@ -48,6 +48,7 @@ def _start_reconciler(**_: object) -> None:
         log.warning("torch was imported in the worker parent process; CUDA must stay out of it")
     if settings.reconcile_interval > 0 and _reconciler is None:
         _reconciler = ReconcilerThread(settings, CeleryDispatcher(settings))
+        _reconciler.hold_forks_during_passes()  # the prefork pool must never fork mid-pass (see there)
         _reconciler.start()
         log.info("reconciler running every %.1f s", settings.reconcile_interval)
 

@@ -131,7 +131,7 @@ def test_cli_lists_the_service_commands_from_the_entry_point() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert set(out.stdout.split()) == {"run", "inspect", "eval", "spec", "serve", "demo"}
+    assert set(out.stdout.split()) == {"run", "inspect", "eval", "spec", "jobs", "serve", "demo"}
     source = (Path(__file__).parents[2] / "lorashear" / "cli.py").read_text()
     assert "api." not in source and "import api" not in source
 
