@@ -144,6 +144,16 @@ ROWS: dict[str, Row] = {
             {"lhspg": {"distill": 1.0}, "recovery": {"distill": 1.0}},
         ),
         Row(
+            "lorashear-kd-soft",
+            "lorashear",
+            "ours with distillation 1.0 and a softer per-layer allocation (sensitivity_exponent 0.5)",
+            {
+                "structures": {"sensitivity_exponent": 0.5},
+                "lhspg": {"distill": 1.0},
+                "recovery": {"distill": 1.0},
+            },
+        ),
+        Row(
             "oneshot-taylor",
             "one_shot",
             "one-shot first-order Taylor groups with ours' per-layer allocation, no training",
