@@ -20,6 +20,9 @@ without training spend none) and is scored by the same harness:
 Rows (``--rows``, default all): see :data:`ROWS`. Each row runs in its own process (``--one``), and finished rows
 are kept in ``<out>/quality-smollm2.json``: a rerun resumes with the rows still missing. After every row the
 markdown table (``quality-smollm2.md``) and the plot (``quality-smollm2.png``) are rewritten from the JSON.
+``--sweep FILE`` adds LoRAShear variants (``{method: {"about": ..., "over": {...spec changes...}}}``) as extra rows;
+``--device cuda`` runs the pipeline and the harness on a GPU in float32 (``bench/results/sweep-h200/`` was measured
+so: the dense row and LoRAShear at 50% land within run-to-run noise of the CPU figures).
 
 Setup (once)::
 
@@ -154,6 +157,12 @@ ROWS: dict[str, Row] = {
             },
         ),
         Row(
+            "lorashear-r32",
+            "lorashear",
+            "ours with LoRA rank 32 / alpha 64 (4x the adapter, the same alpha/rank scale and training tokens)",
+            {"lora": {"rank": 32, "alpha": 64}},
+        ),
+        Row(
             "oneshot-taylor",
             "one_shot",
             "one-shot first-order Taylor groups with ours' per-layer allocation, no training",
@@ -224,6 +233,18 @@ ROWS: dict[str, Row] = {
 }
 
 
+def add_sweep(path: Path) -> None:
+    """Add the LoRAShear variants of a sweep file to :data:`ROWS`: ``{method: {"about": str, "over": dict}}``.
+
+    Raises:
+        SystemExit: a name that is already a row, or an entry without ``over``.
+    """
+    for method, entry in json.loads(path.read_text()).items():
+        if method in ROWS or not isinstance(entry, dict) or not isinstance(entry.get("over"), dict):
+            raise SystemExit(f"--sweep {path}: {method!r} is a built-in row or lacks an 'over' object")
+        ROWS[method] = Row(method, "lorashear", str(entry.get("about", method)), entry["over"])
+
+
 def sha256(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:
@@ -278,10 +299,28 @@ def train_tokens(spec: dict[str, Any], kind: str) -> int:
 
 
 # -- the three kinds of rows ----------------------------------------------------------------------------------------
+def eval_device(args: argparse.Namespace) -> Any:
+    """Where the harness scores: ``--device`` (``auto``: CUDA when available)."""
+    import torch
+
+    if args.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(args.device)
+
+
+def row_spec(base: dict[str, Any], row: Row, ratio: float, args: argparse.Namespace) -> dict[str, Any]:
+    """The row's job spec: :data:`BASE` with the row's changes, ``--smoke`` budgets and ``--device`` (float32 on
+    every device, so a GPU run computes what the CPU run does, up to summation order)."""
+    spec = merge(merge(base, row.over), SMOKE if args.smoke else {}) | {"target_ratio": ratio}
+    if args.device != "auto":
+        spec = merge(spec, {"runtime": {"device": args.device, "dtype": "float32"}})
+    return spec
+
+
 def run_dense(row: Row, ratio: float, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     from lorashear.modeling import count_params, load_model, load_tokenizer
 
-    model = load_model(args.model_root / GGUF)
+    model = load_model(args.model_root / GGUF).to(eval_device(args))
     tok = load_tokenizer(args.model_root / GGUF)
     n = count_params(model)
     return {
@@ -300,14 +339,14 @@ def run_lorashear(row: Row, ratio: float, args: argparse.Namespace, work: Path) 
     from lorashear.modeling import load_tokenizer
     from lorashear.resolve import Roots
 
-    spec_d = merge(merge(BASE, row.over), SMOKE if args.smoke else {}) | {"target_ratio": ratio}
+    spec_d = row_spec(BASE, row, ratio, args)
     spec = lorashear.JobSpec.from_dict(spec_d)
     out = work / "out"
     t0 = time.time()
     res = lorashear.run(spec, out, roots=Roots(args.model_root, args.data_root), work_dir=work / "ckpt")
     wall = time.time() - t0
     s = res.summary
-    model = load_exported(out, dtype=torch.float32, device=torch.device("cpu"))
+    model = load_exported(out, dtype=torch.float32, device=eval_device(args))
     tok = load_tokenizer(out / "model")
     return {
         "removed_fraction": s["compression_ratio"],
@@ -357,7 +396,7 @@ def run_one_shot(row: Row, ratio: float, args: argparse.Namespace, work: Path) -
     from lorashear.resolve import Roots
 
     over = {"recovery": ONE_SHOT_RECOVERY, "lhspg": {"distill": 0.0}}
-    spec_d = merge(merge(merge(BASE, over), row.over), SMOKE if args.smoke else {}) | {"target_ratio": ratio}
+    spec_d = row_spec(merge(BASE, over), row, ratio, args)
     spec = lorashear.JobSpec.from_dict(spec_d)
     job = lorashear.load(spec, Roots(args.model_root, args.data_root))
     st = lorashear.discover(job.model, spec.structures, probe_ids=job.data.calibration.ids[:8].unsqueeze(0))
@@ -424,7 +463,9 @@ def protocol(args: argparse.Namespace) -> dict[str, Any]:
             "transformers": transformers.__version__,
             "lm_eval": getattr(lm_eval, "__version__", "?"),
         },
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs"
+        + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""),
+        **({"device": args.device} if args.device != "auto" else {}),
     }
 
 
@@ -520,10 +561,19 @@ def main() -> int:
     p.add_argument("--limit", type=int, default=250, help="zero-shot documents per task")
     p.add_argument("--smoke", action="store_true", help="tiny budgets to check the harness (quality-smollm2-smoke.*)")
     p.add_argument("--render", action="store_true", help="only rewrite the table and the plot from the JSON")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+    p.add_argument(
+        "--sweep",
+        type=Path,
+        help="JSON file of extra LoRAShear rows, {method: {about, over}} (over: changes to the LoRAShear row's spec); "
+        "they join ROWS and --rows",
+    )
     p.add_argument("--one", nargs=2, metavar=("METHOD", "RATIO"), help=argparse.SUPPRESS)
     p.add_argument("--one-out", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args()
     args.model_root, args.data_root = args.model_root.resolve(), args.data_root.resolve()
+    if args.sweep:
+        add_sweep(args.sweep)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     if args.one:  # child process: one row
         import torch
@@ -568,8 +618,8 @@ def main() -> int:
             one_out = Path(f.name)
         cmd = [sys.executable, __file__, "--model-root", str(args.model_root), "--data-root", str(args.data_root),
                "--threads", str(args.threads), "--limit", str(args.limit), "--out", str(args.out),
-               "--one", method, str(ratio), "--one-out", str(one_out),
-               *(["--smoke"] if args.smoke else [])]  # fmt: skip
+               "--one", method, str(ratio), "--one-out", str(one_out), "--device", args.device,
+               *(["--smoke"] if args.smoke else []), *(["--sweep", str(args.sweep)] if args.sweep else [])]  # fmt: skip
         t0 = time.time()
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
