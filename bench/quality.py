@@ -176,6 +176,13 @@ ROWS: dict[str, Row] = {
             criterion="taylor",
         ),
         Row(
+            "oneshot-taylor+lora-r32",
+            "one_shot",
+            "one-shot Taylor (per-layer allocation), then LoRA rank 32 / alpha 64 on the same 104k tokens",
+            {"lora": {"rank": 32, "alpha": 64}},
+            criterion="taylor",
+        ),
+        Row(
             "oneshot-taylor-uniform",
             "one_shot",
             "one-shot Taylor with the uniform layout, no training",
