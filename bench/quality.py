@@ -8,7 +8,8 @@ without training spend none) and is scored by the same harness:
   calibration: WikiText-2 valid.
 * **Training budget** per row with training: 102 steps of 4 x 256 tokens = 104,448 tokens (LLM-Pruner's LoRA
   used 102,400). LoRAShear rows: LHSPG warm-up 10 + 4 periods x 10 steps, recovery 2 stages x 2 rounds x 13
-  steps. One-shot + LoRA rows: recovery 2 stages x 3 rounds x 17 steps. LoRA r 8 / alpha 16 everywhere.
+  steps. One-shot + LoRA rows: recovery 2 stages x 3 rounds x 17 steps. LoRA r 8 / alpha 16 everywhere but
+  the ``-r32`` rows (r 32 / alpha 64: the same alpha / r scale).
 * **Perplexity** (``ppl_wikitext2_128``): WikiText-2 test (``wiki.test.raw.txt``, CRLF -> LF), the whole text
   tokenised once, non-overlapping 128-token windows, the first 256 (32,768 tokens), each window scored alone.
   ``ppl_before_recovery``: the pipeline's own evaluation stream (the same file read by the product: paragraphs
