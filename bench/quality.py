@@ -308,20 +308,20 @@ def train_tokens(spec: dict[str, Any], kind: str) -> int:
 
 # -- the three kinds of rows ----------------------------------------------------------------------------------------
 def eval_device(args: argparse.Namespace) -> Any:
-    """Where the harness scores: ``--device`` (``auto``: CUDA when available)."""
-    import torch
+    """Where the rows run and the harness scores: ``--device`` (``auto``: CUDA when available)."""
+    from lorashear.modeling import resolve_device
 
-    if args.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(args.device)
+    return resolve_device(args.device)
 
 
 def row_spec(base: dict[str, Any], row: Row, ratio: float, args: argparse.Namespace) -> dict[str, Any]:
-    """The row's job spec: :data:`BASE` with the row's changes, ``--smoke`` budgets and ``--device`` (float32 on
-    every device, so a GPU run computes what the CPU run does, up to summation order)."""
+    """The row's job spec: :data:`BASE` with the row's changes, ``--smoke`` budgets and, off the CPU, the device
+    pinned in float32 (the runtime's ``auto`` dtype would train in bfloat16 there), so a GPU run computes what the
+    CPU run does, up to summation order. CPU rows keep BASE's runtime section unchanged."""
     spec = merge(merge(base, row.over), SMOKE if args.smoke else {}) | {"target_ratio": ratio}
-    if args.device != "auto":
-        spec = merge(spec, {"runtime": {"device": args.device, "dtype": "float32"}})
+    device = eval_device(args)
+    if device.type != "cpu":
+        spec = merge(spec, {"runtime": {"device": str(device), "dtype": "float32"}})
     return spec
 
 
