@@ -164,6 +164,24 @@ ROWS: dict[str, Row] = {
             {"lora": {"rank": 32, "alpha": 64}},
         ),
         Row(
+            "lorashear-r32-nodistill",
+            "lorashear",
+            "ours with LoRA rank 32 / alpha 64 and no distillation (the two levers that each helped at 50%, combined)",
+            {"lora": {"rank": 32, "alpha": 64}, "lhspg": {"distill": 0.0}, "recovery": {"distill": 0.0}},
+        ),
+        Row(
+            "lorashear-r32-seed1",
+            "lorashear",
+            "lorashear-r32 with seed 1 (LoRA init and data order): how far one seed moves a row",
+            {"seed": 1, "lora": {"rank": 32, "alpha": 64}},
+        ),
+        Row(
+            "lorashear-r64",
+            "lorashear",
+            "ours with LoRA rank 64 / alpha 128 (8x the adapter, the same alpha/rank scale and training tokens)",
+            {"lora": {"rank": 64, "alpha": 128}},
+        ),
+        Row(
             "oneshot-taylor",
             "one_shot",
             "one-shot first-order Taylor groups with ours' per-layer allocation, no training",
