@@ -182,6 +182,25 @@ ROWS: dict[str, Row] = {
             {"lora": {"rank": 64, "alpha": 128}},
         ),
         Row(
+            "lorashear-r32-lr2e3",
+            "lorashear",
+            "lorashear-r32 with learning rate 2e-3 in LHSPG and recovery (1e-3 elsewhere)",
+            {"lora": {"rank": 32, "alpha": 64}, "lhspg": {"lr": 2e-3}, "recovery": {"lr": 2e-3}},
+        ),
+        Row(
+            "lorashear-r32-gamma0",
+            "lorashear",
+            "lorashear-r32 with gamma 0: the per-layer allocation may cut a layer down to one head and one channel",
+            {"lora": {"rank": 32, "alpha": 64}, "analysis": {"gamma": 0.0}},
+        ),
+        Row(
+            "lorashear-r32-taylorprobe",
+            "lorashear",
+            "lorashear-r32 whose layer map probes ablate the lowest-Taylor groups (analysis.probe taylor), not the "
+            "lowest-magnitude ones",
+            {"lora": {"rank": 32, "alpha": 64}, "analysis": {"probe": "taylor"}},
+        ),
+        Row(
             "oneshot-taylor",
             "one_shot",
             "one-shot first-order Taylor groups with ours' per-layer allocation, no training",

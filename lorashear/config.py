@@ -299,6 +299,10 @@ class StructureConfig(_Section):
             )
 
 
+PROBES = ("magnitude", "taylor")
+"""Group rankings the per-layer map's probes may ablate by (``analysis.probe``)."""
+
+
 @dataclass
 class AnalysisConfig(_Section):
     """Knowledge-distribution analysis (ALGORITHM.md section 2)."""
@@ -311,6 +315,10 @@ class AnalysisConfig(_Section):
     inside each layer; the per-layer sensitivity map is still measured and reported."""
     ablation_fraction: float = 0.5
     """For the per-layer map: fraction of a layer node group's least salient slices zeroed when probing it."""
+    probe: str = "magnitude"
+    """For the per-layer map: which groups a probe zeroes, the ``ablation_fraction`` with the smallest
+    ``magnitude`` (weight L2 norm, the paper's probe) or the smallest ``taylor`` knowledge score (the groups the
+    Taylor importance of LHSPG would remove first, so the map measures the cut that pruning makes; issue 9)."""
     max_tokens: int = 16384
     """Tokens of calibration text used for the analysis (split into windows of ``seq_len``)."""
     seq_len: int = 256
@@ -319,6 +327,7 @@ class AnalysisConfig(_Section):
     def validate(self, path: str) -> None:
         _check_ratio(f"{path}.gamma", self.gamma, high_open=True)
         _check_ratio(f"{path}.ablation_fraction", self.ablation_fraction, low_open=True)
+        _check_choice(f"{path}.probe", self.probe, PROBES)
         _check_int(f"{path}.max_tokens", self.max_tokens, 1, MAX_TOKENS)
         _check_int(f"{path}.seq_len", self.seq_len, 8, 131_072)
 

@@ -2,11 +2,13 @@
 
 Two measurements on held-out calibration text:
 
-1. **Per-layer sensitivity map** [paper]: for each layer node group (attention of layer l, MLP of layer l), mask
-   the ``ablation_fraction`` of its groups with the smallest weight magnitude (their consumer inputs are zeroed,
-   which equals removing them) and measure the loss deviation against the dense model; restore. Reported per layer.
-2. **Group knowledge scores** [ours]: :class:`~lorashear.importance.TaylorImportance`, the first-order estimate of
+1. **Group knowledge scores** [ours]: :class:`~lorashear.importance.TaylorImportance`, the first-order estimate of
    the loss change when a group is removed, accumulated over the calibration windows.
+2. **Per-layer sensitivity map** [paper]: for each layer node group (attention of layer l, MLP of layer l), mask
+   the ``ablation_fraction`` of its groups ranked lowest by ``probe`` (their consumer inputs are zeroed, which
+   equals removing them) and measure the loss deviation against the dense model; restore. Reported per layer.
+   ``probe``: ``magnitude`` (weight L2 norm; the paper's probe, the default) or ``taylor`` (the knowledge scores of
+   step 1: the groups LHSPG's Taylor importance removes first).
 
 Unprunable ratio gamma [paper]: the uniform layout keeps the same width in every layer, so whole layers cannot be
 exempt; instead the top ``ceil(gamma * n)`` groups of each layer's set (per kind, per quota cluster for query
@@ -129,7 +131,7 @@ def analyze(
         model: the (PEFT-wrapped) dense model; unchanged on return (gradients are cleared).
         structures: discovery result; ``protected`` of every set is overwritten.
         windows: calibration token windows ``(T,)`` each.
-        cfg: ``gamma`` and ``ablation_fraction`` (defaults: :class:`AnalysisConfig`).
+        cfg: ``gamma``, ``ablation_fraction`` and ``probe`` (defaults: :class:`AnalysisConfig`).
         batch_size: windows per forward pass.
         on_step: ``(done, total)`` progress callback, called between probes (a cancel point for the caller).
 
@@ -138,16 +140,28 @@ def analyze(
     """
     cfg = cfg or AnalysisConfig()
     batches = window_batches(windows, batch_size)
-    magnitude = MagnitudeImportance(dict(model.named_parameters(remove_duplicate=False)))
     layered = [s for s in structures.sets if s.layer is not None and s.kind != "query_head"]
     total = len(layered) + 2
     was_training = model.training
     model.eval()
+    taylor = TaylorImportance(model, structures)
+    device = next(model.parameters()).device
+    for b in batches:
+        x = b["input_ids"].to(device)
+        taylor.accumulate(functools.partial(lm_loss, model, x))
+        model.zero_grad(set_to_none=True)
+    if on_step:
+        on_step(1, total)
+    rankings: dict[str, Callable[[StructureSet], torch.Tensor]] = {
+        "magnitude": MagnitudeImportance(dict(model.named_parameters(remove_duplicate=False))),
+        "taylor": taylor,
+    }
+    rank = rankings[cfg.probe]
     dense = mean_loss(model, batches)
     layer_map = []
     for i, s in enumerate(layered):
         k = max(1, int(round(cfg.ablation_fraction * s.n_groups)))
-        groups = torch.argsort(magnitude(s), stable=True)[:k]
+        groups = torch.argsort(rank(s), stable=True)[:k]
         hooks = _consumer_mask_hooks(model, s, groups)
         try:
             loss = mean_loss(model, batches)
@@ -165,13 +179,7 @@ def analyze(
             }
         )
         if on_step:
-            on_step(i + 1, total)
-    taylor = TaylorImportance(model, structures)
-    device = next(model.parameters()).device
-    for b in batches:
-        x = b["input_ids"].to(device)
-        taylor.accumulate(functools.partial(lm_loss, model, x))
-        model.zero_grad(set_to_none=True)
+            on_step(i + 2, total)
     if on_step:
         on_step(total, total)
     protected = protect(structures, taylor.scores(), cfg.gamma)

@@ -61,6 +61,7 @@ def test_unknown_key_warns_and_is_ignored() -> None:
         ({"model": "x" * 300}, "model"),
         ({"model": "m", "lhspg": {"warmup_steps": 10**20}}, "lhspg.warmup_steps"),
         ({"model": "m", "lhspg": {"periods": 10_000, "period_steps": 10_000}}, "lhspg.period_steps"),
+        ({"model": "m", "analysis": {"probe": "random"}}, "analysis.probe"),
     ],
 )
 def test_bad_specs_name_the_field(spec: dict, field: str) -> None:

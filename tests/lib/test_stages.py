@@ -47,6 +47,44 @@ def test_single_stages_from_python() -> None:
     assert after.perplexity.perplexity == pytest.approx(before.perplexity.perplexity, rel=1e-4)
 
 
+def test_analysis_probe_taylor_ablates_the_lowest_knowledge_groups() -> None:
+    """``analysis.probe: taylor`` (issue 9): each layer probe zeroes the groups with the smallest Taylor score, the
+    map differs from the magnitude probe's, the group scores and protection do not, and the model is unchanged."""
+    import dataclasses
+
+    import lorashear
+    from lorashear.importance import MagnitudeImportance, TaylorImportance
+
+    spec = spec_of()
+    job = lorashear.load(spec)
+    st = lorashear.discover(job.model, spec.structures, probe_ids=job.data.probe(8, 1))
+    windows = job.data.calibration.windows(64)[:8]
+    state = {k: v.clone() for k, v in job.model.state_dict().items()}
+    by_mag = lorashear.analyze(job.model, st, windows, dataclasses.replace(spec.analysis, probe="magnitude"))
+    by_taylor = lorashear.analyze(job.model, st, windows, dataclasses.replace(spec.analysis, probe="taylor"))
+    assert all(torch.equal(v, job.model.state_dict()[k]) for k, v in state.items())
+    assert by_taylor.protected == by_mag.protected and by_taylor.dense_loss == pytest.approx(by_mag.dense_loss)
+    assert [(r["layer"], r["node_group"]) for r in by_taylor.layer_map] == [
+        (r["layer"], r["node_group"]) for r in by_mag.layer_map
+    ]
+    assert [r["deviation"] for r in by_taylor.layer_map] != pytest.approx([r["deviation"] for r in by_mag.layer_map])
+    # the probed groups differ: on some MLP set the lowest-Taylor half is not the lowest-magnitude half
+    taylor = TaylorImportance(job.model, st)
+    from lorashear.evaluation.loss import lm_loss, window_batches
+
+    for b in window_batches(windows, 8):
+        taylor.accumulate(lambda x=b["input_ids"]: lm_loss(job.model, x))
+        job.model.zero_grad(set_to_none=True)
+    magnitude = MagnitudeImportance(dict(job.model.named_parameters(remove_duplicate=False)))
+    mlp = [s for s in st.sets if s.kind == "mlp_channel" and s.layer is not None]
+    k = mlp[0].n_groups // 2
+    assert any(
+        set(torch.argsort(taylor(s), stable=True)[:k].tolist())
+        != set(torch.argsort(magnitude(s), stable=True)[:k].tolist())
+        for s in mlp
+    )
+
+
 @pytest.mark.parametrize(
     "extra, field",
     [
