@@ -188,17 +188,17 @@ ROWS: dict[str, Row] = {
             {"lora": {"rank": 32, "alpha": 64}, "lhspg": {"lr": 2e-3}, "recovery": {"lr": 2e-3}},
         ),
         Row(
-            "lorashear-r32-gamma0",
-            "lorashear",
-            "lorashear-r32 with gamma 0: the per-layer allocation may cut a layer down to one head and one channel",
-            {"lora": {"rank": 32, "alpha": 64}, "analysis": {"gamma": 0.0}},
-        ),
-        Row(
             "lorashear-r32-taylorprobe",
             "lorashear",
             "lorashear-r32 whose layer map probes ablate the lowest-Taylor groups (analysis.probe taylor), not the "
             "lowest-magnitude ones",
             {"lora": {"rank": 32, "alpha": 64}, "analysis": {"probe": "taylor"}},
+        ),
+        Row(
+            "lorashear-r32-taylorprobe-seed1",
+            "lorashear",
+            "lorashear-r32-taylorprobe with seed 1 (LoRA init and data order)",
+            {"seed": 1, "lora": {"rank": 32, "alpha": 64}, "analysis": {"probe": "taylor"}},
         ),
         Row(
             "oneshot-taylor",
