@@ -201,6 +201,12 @@ ROWS: dict[str, Row] = {
             {"seed": 1, "lora": {"rank": 32, "alpha": 64}, "analysis": {"probe": "taylor"}},
         ),
         Row(
+            "lorashear-r32-taylorprobe-abl75",
+            "lorashear",
+            "lorashear-r32-taylorprobe whose probes ablate 75% of a layer's groups, nearer the cut a 50% target makes",
+            {"lora": {"rank": 32, "alpha": 64}, "analysis": {"probe": "taylor", "ablation_fraction": 0.75}},
+        ),
+        Row(
             "oneshot-taylor",
             "one_shot",
             "one-shot first-order Taylor groups with ours' per-layer allocation, no training",
