@@ -48,11 +48,13 @@ def test_single_stages_from_python() -> None:
 
 
 def test_analysis_probe_taylor_ablates_the_lowest_knowledge_groups() -> None:
-    """``analysis.probe: taylor`` (issue 9): each layer probe zeroes the groups with the smallest Taylor score, the
-    map differs from the magnitude probe's, the group scores and protection do not, and the model is unchanged."""
+    """``analysis.probe: taylor`` (issue 9): the lowest-Taylor groups are not the lowest-magnitude ones, so the map
+    differs from the magnitude probe's; the group scores, protection and dense loss do not, and the model is
+    unchanged."""
     import dataclasses
 
     import lorashear
+    from lorashear.evaluation.loss import lm_loss, window_batches
     from lorashear.importance import MagnitudeImportance, TaylorImportance
 
     spec = spec_of()
@@ -70,8 +72,6 @@ def test_analysis_probe_taylor_ablates_the_lowest_knowledge_groups() -> None:
     assert [r["deviation"] for r in by_taylor.layer_map] != pytest.approx([r["deviation"] for r in by_mag.layer_map])
     # the probed groups differ: on some MLP set the lowest-Taylor half is not the lowest-magnitude half
     taylor = TaylorImportance(job.model, st)
-    from lorashear.evaluation.loss import lm_loss, window_batches
-
     for b in window_batches(windows, 8):
         taylor.accumulate(lambda x=b["input_ids"]: lm_loss(job.model, x))
         job.model.zero_grad(set_to_none=True)
