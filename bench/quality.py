@@ -207,6 +207,28 @@ ROWS: dict[str, Row] = {
             {"lora": {"rank": 32, "alpha": 64}, "analysis": {"probe": "taylor", "ablation_fraction": 0.75}},
         ),
         Row(
+            "lorashear-r32-taylorprobe-abl75-noinstruct",
+            "lorashear",
+            "lorashear-r32-taylorprobe-abl75 whose recovery spends all 52 steps in stage 1 (pretraining-style data), "
+            "none on the instruction stage",
+            {
+                "lora": {"rank": 32, "alpha": 64},
+                "analysis": {"probe": "taylor", "ablation_fraction": 0.75},
+                "recovery": {"rounds": 4, "instruct_rounds": 0},
+            },
+        ),
+        Row(
+            "lorashear-r32-taylorprobe-abl75-cosine",
+            "lorashear",
+            "lorashear-r32-taylorprobe-abl75 whose recovery learning rate decays by a cosine over its 52 steps "
+            "(recovery.lr_schedule cosine; constant elsewhere)",
+            {
+                "lora": {"rank": 32, "alpha": 64},
+                "analysis": {"probe": "taylor", "ablation_fraction": 0.75},
+                "recovery": {"lr_schedule": "cosine"},
+            },
+        ),
+        Row(
             "oneshot-taylor",
             "one_shot",
             "one-shot first-order Taylor groups with ours' per-layer allocation, no training",
@@ -340,12 +362,9 @@ def train_tokens(spec: dict[str, Any], kind: str) -> int:
         if kind == "lorashear"
         else 0
     )
-    stages = 2 if spec["data"].get("instruct") else 1
-    recovery = (
-        stages * rc["rounds"] * rc["steps_per_round"] * rc["batch_size"] * rc["seq_len"]
-        if rc.get("enabled", True)
-        else 0
-    )
+    rounds2 = rc["rounds"] if rc.get("instruct_rounds") is None else rc["instruct_rounds"]
+    rounds = rc["rounds"] + (rounds2 if spec["data"].get("instruct") else 0)
+    recovery = rounds * rc["steps_per_round"] * rc["batch_size"] * rc["seq_len"] if rc.get("enabled", True) else 0
     return lhspg + recovery
 
 

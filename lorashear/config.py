@@ -299,6 +299,9 @@ class StructureConfig(_Section):
             )
 
 
+LR_SCHEDULE_NAMES = ("constant", "linear", "cosine")
+"""Learning-rate schedules of recovery (``recovery.lr_schedule``; :data:`lorashear.training.LR_SCHEDULES`)."""
+
 PROBES = ("magnitude", "taylor")
 """Group rankings the per-layer map's probes may ablate by (``analysis.probe``)."""
 
@@ -539,6 +542,11 @@ class RecoveryConfig(_Section):
     """Stop a stage early once every deviation max(L_i - L_ref_i, 0) is below tau (nats)."""
     eval_batches: int = 8
     """Validation batches per sub-dataset when measuring deviations."""
+    lr_schedule: str = "constant"
+    """How the learning rate moves over all recovery steps (both stages, one schedule): ``constant``, ``linear``
+    or ``cosine`` decay towards 0 at the last step (:data:`~lorashear.training.LR_SCHEDULES`; issue 9)."""
+    warmup_steps: int = 0
+    """Optimizer steps of linear learning-rate warm-up at the start of recovery (before the schedule)."""
     distill: float = 0.0
     """Weight 0-1 of knowledge distillation from the dense model: the loss is ``(1 - distill) * cross-entropy +
     distill * KL(dense || pruned)`` over the next-token distributions (temperature 1) of the scored positions. The
@@ -553,6 +561,8 @@ class RecoveryConfig(_Section):
         _check_int(f"{path}.batch_size", self.batch_size, 1, 65_536)
         _check_int(f"{path}.seq_len", self.seq_len, 8, 131_072)
         _check_choice(f"{path}.weighting", self.weighting, ("linear", "exp"))
+        _check_choice(f"{path}.lr_schedule", self.lr_schedule, LR_SCHEDULE_NAMES)
+        _check_int(f"{path}.warmup_steps", self.warmup_steps, 0, MAX_STEPS)
         _check_positive(f"{path}.eta", self.eta)
         _check_ratio(f"{path}.uniform_share", self.uniform_share)
         if not isinstance(self.tau, (int, float)) or self.tau < 0:

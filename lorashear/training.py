@@ -9,7 +9,7 @@ same distribution at every position, not worse than a uniform guess). A failure 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -18,6 +18,40 @@ from lorashear.errors import DivergedError
 
 LR_FIELD = {"prune": "lhspg.lr", "recover": "recovery.lr"}
 """The spec field to blame when a stage's training diverges."""
+
+
+LR_SCHEDULES: dict[str, Callable[[float], float]] = {
+    "constant": lambda progress: 1.0,
+    "linear": lambda progress: 1.0 - progress,
+    "cosine": lambda progress: 0.5 * (1.0 + math.cos(math.pi * progress)),
+}
+"""Learning-rate multipliers of ``recovery.lr_schedule`` (issue 9), as a function of the fraction 0-1 of the
+decay steps done."""
+
+
+def lr_factor(schedule: str, step: int, total: int, warmup: int = 0) -> float:
+    """Multiplier of the base learning rate for 0-based optimizer step ``step`` of ``total``.
+
+    Linear warm-up from ``1 / (warmup + 1)`` to 1 over the first ``warmup`` steps, then the schedule over the rest,
+    evaluated at the step's midpoint so the last step still trains (``cosine`` and ``linear`` approach 0 at the
+    end). Stateless: a resumed run computes the same value from the step alone.
+
+    Args:
+        schedule: a key of :data:`LR_SCHEDULES`.
+        step: 0-based optimizer step, ``0 <= step < total``.
+        total: planned optimizer steps of the whole schedule.
+        warmup: warm-up steps, ``0 <= warmup < total``.
+
+    Returns:
+        The factor, in ``(0, 1]``.
+
+    Raises:
+        KeyError: an unknown schedule (the spec's validation names the field first).
+    """
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    decay = max(total - warmup, 1)
+    return LR_SCHEDULES[schedule](min((step - warmup + 0.5) / decay, 1.0))
 
 
 def _hint(stage: str) -> str:

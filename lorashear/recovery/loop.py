@@ -20,7 +20,7 @@ from lorashear.data import SubDataset
 from lorashear.evaluation.loss import mean_loss
 from lorashear.events import Hooks, LoopState
 from lorashear.recovery.mixing import mix_weights, round_record
-from lorashear.training import clip_gradients, train_loss
+from lorashear.training import clip_gradients, lr_factor, train_loss
 
 STAGE = "recover"
 
@@ -106,7 +106,7 @@ def recover(
         model: the pruned PEFT model; only the LoRA weights train.
         stages: from :func:`recovery_stages`.
         reference_losses: the dense model's validation loss per sub-dataset name (nats per token).
-        cfg: rounds, steps, learning rate, weighting rule.
+        cfg: rounds, steps, learning rate and its schedule, weighting rule.
         gen: the data generator (batch sampling and sub-dataset draws); the caller checkpoints its state.
         max_grad_norm: gradient clipping (L2 norm of the LoRA gradients).
         hooks: progress, cancellation and checkpoints (optional).
@@ -125,6 +125,7 @@ def recover(
     opt = torch.optim.AdamW(params, lr=cfg.lr)
     result, prog = RecoveryResult(), _Progress()
     total = sum(s.rounds * cfg.steps_per_round for s in stages)
+    warmup = min(cfg.warmup_steps, max(total - 1, 0))
     if resume is not None:
         result = RecoveryResult.from_dict(resume.meta["result"])
         prog = _Progress(**resume.meta["progress"])
@@ -171,6 +172,9 @@ def recover(
                 batch = stage.datasets[i].sample(cfg.batch_size, cfg.seq_len, gen)
                 loss = train_loss(model, batch, stage=STAGE, step=at + prog.step, teacher=teacher, distill=cfg.distill)
                 clip_gradients(params, max_grad_norm, stage=STAGE, step=at + prog.step)
+                lr = cfg.lr * lr_factor(cfg.lr_schedule, at + prog.step, total, warmup)
+                for group in opt.param_groups:
+                    group["lr"] = lr
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 prog.step += 1
@@ -181,7 +185,7 @@ def recover(
                     at + prog.step,
                     total,
                     f"stage {stage.number} round {prog.round + 1}",
-                    metrics={"recovery/loss": loss, f"recovery/loss/{names[i]}": loss},
+                    metrics={"recovery/loss": loss, f"recovery/loss/{names[i]}": loss, "recovery/lr": lr},
                 )
                 hooks.step_done(at + prog.step, total, snap)
             prog.round += 1

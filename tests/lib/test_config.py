@@ -170,3 +170,10 @@ def test_lean_import_without_torch() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+def test_recovery_lr_schedule_is_validated() -> None:
+    with pytest.raises(ConfigError, match="recovery.lr_schedule"):
+        JobSpec.from_dict({"model": "stories260K", "recovery": {"lr_schedule": "exponential"}})
+    with pytest.raises(ConfigError, match="recovery.warmup_steps"):
+        JobSpec.from_dict({"model": "stories260K", "recovery": {"warmup_steps": -1}})

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lorashear.errors import ConfigError, DivergedError
+from lorashear.errors import Cancelled, ConfigError, DivergedError
 from lorashear.events import STAGES
 from lorashear.pipeline import run
 from lorashear.resolve import BUNDLED_DATA_ROOT, BUNDLED_MODEL_ROOT, Roots
@@ -209,3 +209,27 @@ def test_distillation_from_the_dense_model_runs_and_resumes_alike(tmp_path: Path
     b = run(spec, tmp_path / "b", roots=Roots(), work_dir=tmp_path / "wb")
     assert a.summary["max_abs_logit_diff"] < 1e-4 and a.summary == b.summary
     assert a.report["memory_estimate_bytes"] > 4 * a.summary["params_before"] * 2  # the teacher's weights counted
+
+
+def test_recovery_lr_schedule_decays_and_resumes_alike(tmp_path: Path) -> None:
+    """``recovery.lr_schedule`` / ``warmup_steps`` (issue 9): one schedule over both stages, reported per step as
+    ``recovery/lr``; stateless, so a run cancelled inside recovery resumes to the same weights."""
+    from .test_pipeline import run_collect, same_weights
+
+    spec = spec_of({"recovery": {"lr_schedule": "cosine", "warmup_steps": 1, "lr": 1e-3}})
+    lrs: list[float] = []
+
+    def on_event(e) -> None:
+        if e.stage == "recover" and e.kind == "progress":
+            lrs.append(e.metrics["recovery/lr"])
+
+    ref = run(spec, tmp_path / "ref", roots=Roots(), work_dir=tmp_path / "wref", on_event=on_event)
+    assert len(lrs) == 6  # stage 1 and stage 2, 3 steps each
+    assert lrs[0] == pytest.approx(0.5e-3)  # warm-up step 1 of 1
+    assert all(a > b for a, b in zip(lrs[1:], lrs[2:], strict=False))  # cosine decay after the warm-up
+    assert 0 < lrs[-1] < 0.1e-3
+    with pytest.raises(Cancelled):
+        run_collect(spec, tmp_path / "out", tmp_path / "work", cancel_at=("recover", 4))
+    resumed = run_collect(spec, tmp_path / "out", tmp_path / "work")
+    same_weights(tmp_path / "ref", tmp_path / "out")
+    assert resumed.summary == ref.summary

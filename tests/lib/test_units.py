@@ -304,3 +304,21 @@ def test_distillation_loss_by_hand() -> None:
     labels[0, 2] = -100  # position 1 no longer scored
     assert float(distillation_loss(student, teacher, labels)) == pytest.approx(0.5 * math.log(4 / 3))
     assert float(distillation_loss(teacher, teacher, torch.tensor([[0, 1, 1]]))) == pytest.approx(0.0, abs=1e-7)
+
+
+# recovery learning-rate schedule (issue 9 lever) ---------------------------------------------------------------------
+def test_lr_factor_by_hand() -> None:
+    from lorashear.config import LR_SCHEDULE_NAMES
+    from lorashear.training import LR_SCHEDULES, lr_factor
+
+    assert tuple(LR_SCHEDULES) == LR_SCHEDULE_NAMES  # the spec validates against the same names
+    assert [lr_factor("constant", s, 4) for s in range(4)] == [1.0] * 4
+    # 4 decay steps, evaluated at the midpoints 1/8, 3/8, 5/8, 7/8
+    assert [lr_factor("linear", s, 4) for s in range(4)] == pytest.approx([7 / 8, 5 / 8, 3 / 8, 1 / 8])
+    cos = [lr_factor("cosine", s, 4) for s in range(4)]
+    assert cos == pytest.approx([0.5 * (1 + math.cos(math.pi * p)) for p in (1 / 8, 3 / 8, 5 / 8, 7 / 8)])
+    assert cos[0] + cos[3] == pytest.approx(1.0) and all(0 < c <= 1 for c in cos)
+    # 2 warm-up steps (1/3, 2/3), then linear over the remaining 2 (midpoints 1/4, 3/4)
+    assert [lr_factor("linear", s, 4, warmup=2) for s in range(4)] == pytest.approx([1 / 3, 2 / 3, 3 / 4, 1 / 4])
+    with pytest.raises(KeyError):
+        lr_factor("step", 0, 4)
