@@ -229,6 +229,17 @@ ROWS: dict[str, Row] = {
             },
         ),
         Row(
+            "lorashear-r32-taylorprobe-abl75-instruct3",
+            "lorashear",
+            "lorashear-r32-taylorprobe-abl75 whose recovery spends 13 steps in stage 1 and 39 in the instruction "
+            "stage (rounds 1, instruct_rounds 3)",
+            {
+                "lora": {"rank": 32, "alpha": 64},
+                "analysis": {"probe": "taylor", "ablation_fraction": 0.75},
+                "recovery": {"rounds": 1, "instruct_rounds": 3},
+            },
+        ),
+        Row(
             "oneshot-taylor",
             "one_shot",
             "one-shot first-order Taylor groups with ours' per-layer allocation, no training",
