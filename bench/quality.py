@@ -240,6 +240,23 @@ ROWS: dict[str, Row] = {
             },
         ),
         Row(
+            "lorashear-r32-taylorprobe-abl75-instruct3-seed1",
+            "lorashear",
+            "lorashear-r32-taylorprobe-abl75-instruct3 with seed 1 (LoRA init and data order)",
+            {
+                "seed": 1,
+                "lora": {"rank": 32, "alpha": 64},
+                "analysis": {"probe": "taylor", "ablation_fraction": 0.75},
+                "recovery": {"rounds": 1, "instruct_rounds": 3},
+            },
+        ),
+        Row(
+            "lorashear-r32-taylorprobe-abl75-seed1",
+            "lorashear",
+            "lorashear-r32-taylorprobe-abl75 with seed 1 (LoRA init and data order)",
+            {"seed": 1, "lora": {"rank": 32, "alpha": 64}, "analysis": {"probe": "taylor", "ablation_fraction": 0.75}},
+        ),
+        Row(
             "oneshot-taylor",
             "one_shot",
             "one-shot first-order Taylor groups with ours' per-layer allocation, no training",
