@@ -135,6 +135,10 @@ class Row:
     train: bool = True
 
 
+ABL75: dict[str, Any] = {"lora": {"rank": 32, "alpha": 64}, "analysis": {"probe": "taylor", "ablation_fraction": 0.75}}
+"""LoRA rank 32 / alpha 64 and the layer map probed by Taylor score at 75% ablation: the base of the ``-abl75``
+rows."""
+
 ROWS: dict[str, Row] = {
     r.method: r
     for r in [
@@ -204,57 +208,34 @@ ROWS: dict[str, Row] = {
             "lorashear-r32-taylorprobe-abl75",
             "lorashear",
             "lorashear-r32-taylorprobe whose probes ablate 75% of a layer's groups, nearer the cut a 50% target makes",
-            {"lora": {"rank": 32, "alpha": 64}, "analysis": {"probe": "taylor", "ablation_fraction": 0.75}},
+            ABL75,
+        ),
+        Row(
+            "lorashear-r32-taylorprobe-abl75-seed1",
+            "lorashear",
+            "lorashear-r32-taylorprobe-abl75 with seed 1 (LoRA init and data order)",
+            merge(ABL75, {"seed": 1}),
         ),
         Row(
             "lorashear-r32-taylorprobe-abl75-noinstruct",
             "lorashear",
             "lorashear-r32-taylorprobe-abl75 whose recovery spends all 52 steps in stage 1 (pretraining-style data), "
             "none on the instruction stage",
-            {
-                "lora": {"rank": 32, "alpha": 64},
-                "analysis": {"probe": "taylor", "ablation_fraction": 0.75},
-                "recovery": {"rounds": 4, "instruct_rounds": 0},
-            },
-        ),
-        Row(
-            "lorashear-r32-taylorprobe-abl75-cosine",
-            "lorashear",
-            "lorashear-r32-taylorprobe-abl75 whose recovery learning rate decays by a cosine over its 52 steps "
-            "(recovery.lr_schedule cosine; constant elsewhere)",
-            {
-                "lora": {"rank": 32, "alpha": 64},
-                "analysis": {"probe": "taylor", "ablation_fraction": 0.75},
-                "recovery": {"lr_schedule": "cosine"},
-            },
+            merge(ABL75, {"recovery": {"rounds": 4, "instruct_rounds": 0}}),
         ),
         Row(
             "lorashear-r32-taylorprobe-abl75-instruct3",
             "lorashear",
             "lorashear-r32-taylorprobe-abl75 whose recovery spends 13 steps in stage 1 and 39 in the instruction "
             "stage (rounds 1, instruct_rounds 3)",
-            {
-                "lora": {"rank": 32, "alpha": 64},
-                "analysis": {"probe": "taylor", "ablation_fraction": 0.75},
-                "recovery": {"rounds": 1, "instruct_rounds": 3},
-            },
+            merge(ABL75, {"recovery": {"rounds": 1, "instruct_rounds": 3}}),
         ),
         Row(
-            "lorashear-r32-taylorprobe-abl75-instruct3-seed1",
+            "lorashear-r32-taylorprobe-abl75-cosine",
             "lorashear",
-            "lorashear-r32-taylorprobe-abl75-instruct3 with seed 1 (LoRA init and data order)",
-            {
-                "seed": 1,
-                "lora": {"rank": 32, "alpha": 64},
-                "analysis": {"probe": "taylor", "ablation_fraction": 0.75},
-                "recovery": {"rounds": 1, "instruct_rounds": 3},
-            },
-        ),
-        Row(
-            "lorashear-r32-taylorprobe-abl75-seed1",
-            "lorashear",
-            "lorashear-r32-taylorprobe-abl75 with seed 1 (LoRA init and data order)",
-            {"seed": 1, "lora": {"rank": 32, "alpha": 64}, "analysis": {"probe": "taylor", "ablation_fraction": 0.75}},
+            "lorashear-r32-taylorprobe-abl75 whose recovery learning rate decays by a cosine over its 52 steps "
+            "(recovery.lr_schedule cosine; constant elsewhere)",
+            merge(ABL75, {"recovery": {"lr_schedule": "cosine"}}),
         ),
         Row(
             "oneshot-taylor",
