@@ -217,6 +217,12 @@ ROWS: dict[str, Row] = {
             merge(ABL75, {"seed": 1}),
         ),
         Row(
+            "lorashear-r32-taylorprobe-abl75-seed2",
+            "lorashear",
+            "lorashear-r32-taylorprobe-abl75 with seed 2 (LoRA init and data order)",
+            merge(ABL75, {"seed": 2}),
+        ),
+        Row(
             "lorashear-r32-taylorprobe-abl75-noinstruct",
             "lorashear",
             "lorashear-r32-taylorprobe-abl75 whose recovery spends all 52 steps in stage 1 (pretraining-style data), "
