@@ -244,6 +244,32 @@ ROWS: dict[str, Row] = {
             merge(ABL75, {"recovery": {"lr_schedule": "cosine"}}),
         ),
         Row(
+            "lorashear-r32-taylorprobe-abl75-exp05",
+            "lorashear",
+            "lorashear-r32-taylorprobe-abl75 with a softer per-layer allocation (structures.sensitivity_exponent 0.5)",
+            merge(ABL75, {"structures": {"sensitivity_exponent": 0.5}}),
+        ),
+        Row(
+            "lorashear-r32-taylorprobe-abl75-exp15",
+            "lorashear",
+            "lorashear-r32-taylorprobe-abl75 with a sharper per-layer allocation (structures.sensitivity_exponent 1.5)",
+            merge(ABL75, {"structures": {"sensitivity_exponent": 1.5}}),
+        ),
+        Row(
+            "lorashear-r32-taylorprobe-abl75-lhspg6",
+            "lorashear",
+            "lorashear-r32-taylorprobe-abl75 whose LHSPG prunes over 6 periods (70 steps) and whose recovery is 2 x 8 "
+            "steps per stage (32): the same 102 steps",
+            merge(ABL75, {"lhspg": {"periods": 6}, "recovery": {"steps_per_round": 8}}),
+        ),
+        Row(
+            "lorashear-r32-taylorprobe-abl75-kd",
+            "lorashear",
+            "lorashear-r32-taylorprobe-abl75 with distillation 1.0 (pure KL to the dense model, no cross-entropy) in "
+            "LHSPG and recovery",
+            merge(ABL75, {"lhspg": {"distill": 1.0}, "recovery": {"distill": 1.0}}),
+        ),
+        Row(
             "oneshot-taylor",
             "one_shot",
             "one-shot first-order Taylor groups with ours' per-layer allocation, no training",
