@@ -263,6 +263,12 @@ ROWS: dict[str, Row] = {
             merge(ABL75, {"lhspg": {"periods": 6}, "recovery": {"steps_per_round": 8}}),
         ),
         Row(
+            "lorashear-r32-taylorprobe-abl75-lhspg6-seed1",
+            "lorashear",
+            "lorashear-r32-taylorprobe-abl75-lhspg6 with seed 1 (LoRA init and data order)",
+            merge(ABL75, {"seed": 1, "lhspg": {"periods": 6}, "recovery": {"steps_per_round": 8}}),
+        ),
+        Row(
             "lorashear-r32-taylorprobe-abl75-kd",
             "lorashear",
             "lorashear-r32-taylorprobe-abl75 with distillation 1.0 (pure KL to the dense model, no cross-entropy) in "
@@ -638,26 +644,30 @@ def plot(path: Path, rows: list[dict[str, Any]]) -> None:
     import matplotlib.pyplot as plt
 
     dense = next((r for r in rows if r["method"] == "dense"), None)
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for method in dict.fromkeys(r["method"] for r in rows):
-        if method == "dense":
-            continue
+    methods = [m for m in dict.fromkeys(r["method"] for r in rows) if m != "dense"]
+    # one colour per method (tab20, then tab20b), line style by kind; the legend sits to the right of both panels
+    # and the figure grows with it, so no entry is cut off however many rows the table holds
+    colours = [*plt.get_cmap("tab20").colors, *plt.get_cmap("tab20b").colors]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, max(4.2, 0.17 * len(methods) + 0.8)))
+    for i, method in enumerate(methods):
         pts = sorted((r["removed_fraction"], r["ppl_wikitext2_128"], r["avg5"]) for r in rows if r["method"] == method)
         if dense:
             pts = [(0.0, dense["ppl_wikitext2_128"], dense["avg5"]), *pts]
         xs = [100 * p[0] for p in pts]
         style = "-o" if method.startswith("lorashear") else "--s" if method.startswith("oneshot") else ":^"
-        a1.plot(xs, [p[1] for p in pts], style, label=method)
-        a2.plot(xs, [p[2] for p in pts], style, label=method)
+        colour = colours[i % len(colours)]
+        a1.plot(xs, [p[1] for p in pts], style, color=colour, label=method, markersize=4)
+        a2.plot(xs, [p[2] for p in pts], style, color=colour, label=method, markersize=4)
     a1.set(yscale="log", xlabel="parameters removed (%)", ylabel="WikiText-2 ppl@128 (log)")
     a2.set(xlabel="parameters removed (%)", ylabel="avg5 zero-shot (%)")
     for a in (a1, a2):
         a.grid(alpha=0.3)
-    if a2.get_legend_handles_labels()[0]:
-        a2.legend(fontsize=7, loc="lower left")
     fig.suptitle("SmolLM2-135M-Instruct: same data pool, same training tokens, one harness")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    handles, labels = a2.get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
