@@ -223,6 +223,12 @@ ROWS: dict[str, Row] = {
             merge(ABL75, {"seed": 2}),
         ),
         Row(
+            "lorashear-r32-taylorprobe-abl75-seed3",
+            "lorashear",
+            "lorashear-r32-taylorprobe-abl75 with seed 3 (LoRA init and data order)",
+            merge(ABL75, {"seed": 3}),
+        ),
+        Row(
             "lorashear-r32-taylorprobe-abl75-noinstruct",
             "lorashear",
             "lorashear-r32-taylorprobe-abl75 whose recovery spends all 52 steps in stage 1 (pretraining-style data), "
