@@ -138,6 +138,9 @@ class Row:
 ABL75: dict[str, Any] = {"lora": {"rank": 32, "alpha": 64}, "analysis": {"probe": "taylor", "ablation_fraction": 0.75}}
 """LoRA rank 32 / alpha 64 and the layer map probed by Taylor score at 75% ablation: the base of the ``-abl75``
 rows."""
+LHSPG6: dict[str, Any] = merge(ABL75, {"lhspg": {"periods": 6}, "recovery": {"steps_per_round": 8}})
+""":data:`ABL75` with LHSPG over 6 periods (10 + 60 steps) and recovery 2 x 8 steps per stage: the same 102 steps
+(the ``-lhspg6`` rows)."""
 
 ROWS: dict[str, Row] = {
     r.method: r
@@ -266,13 +269,13 @@ ROWS: dict[str, Row] = {
             "lorashear",
             "lorashear-r32-taylorprobe-abl75 whose LHSPG prunes over 6 periods (70 steps) and whose recovery is 2 x 8 "
             "steps per stage (32): the same 102 steps",
-            merge(ABL75, {"lhspg": {"periods": 6}, "recovery": {"steps_per_round": 8}}),
+            LHSPG6,
         ),
         Row(
             "lorashear-r32-taylorprobe-abl75-lhspg6-seed1",
             "lorashear",
             "lorashear-r32-taylorprobe-abl75-lhspg6 with seed 1 (LoRA init and data order)",
-            merge(ABL75, {"seed": 1, "lhspg": {"periods": 6}, "recovery": {"steps_per_round": 8}}),
+            merge(LHSPG6, {"seed": 1}),
         ),
         Row(
             "lorashear-r32-taylorprobe-abl75-kd",
