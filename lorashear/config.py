@@ -263,7 +263,10 @@ class StructureConfig(_Section):
     """Round the kept hidden width to a multiple of this many dimensions (only with ``hidden``)."""
     attention_share: float | None = None
     """Fraction 0-1 of the removed parameters that should come from attention; ``None`` prunes attention and MLP
-    by the same fraction of their parameters (the usual LLM-Pruner/FLAP setting)."""
+    by the same fraction of their parameters (the usual LLM-Pruner/FLAP setting) in the uniform layout, and by
+    what the layer map says in the ``per_layer`` layout. ``per_layer``: the map still ranks the layers within
+    attention and within MLP; the share moves the split between the two (rounded to whole heads). Raises
+    ``TargetNotExpressibleError`` when gamma leaves attention too little or too much to give that share."""
     layout: str = "uniform"
     """``uniform``: every layer keeps the same widths (stock transformers classes load the export). ``per_layer``:
     each layer's attention and MLP lose what the knowledge-distribution analysis says they can spare
@@ -391,6 +394,12 @@ class LHSPGConfig(_Section):
     """Weight 0-1 of knowledge distillation from the dense model: the loss is ``(1 - distill) * cross-entropy +
     distill * KL(dense || pruned)`` over the next-token distributions (temperature 1) of the scored positions. The
     dense model is a frozen copy kept beside the pruned one (its weights' memory once more). 0: off (issue 9)."""
+    instruct_share: float = 0.0
+    """Fraction 0-1 of LHSPG batches drawn from the instruction sub-datasets (``data.instruct``, records rendered
+    with the prompt template, loss on the responses only) instead of the plain-text pool; each batch picks its source
+    by a draw with this probability. The Taylor importance accumulates over the same batches, so the share steers
+    which heads and channels count as important towards question/answer text. 0 (default): every batch from the
+    plain-text pool, as in the paper (issue 9)."""
 
     def validate(self, path: str) -> None:
         _check_choice(f"{path}.mode", self.mode, ("decay", "hsp"))
@@ -420,6 +429,7 @@ class LHSPGConfig(_Section):
             raise _fail(f"{path}.criteria", "at least one criterion needs a positive weight")
         _check_positive(f"{path}.max_grad_norm", self.max_grad_norm)
         _check_ratio(f"{path}.distill", self.distill)
+        _check_ratio(f"{path}.instruct_share", self.instruct_share)
         if self.total_steps > MAX_STEPS:
             raise _fail(f"{path}.period_steps", f"warm-up plus periods x period_steps exceeds {MAX_STEPS:,} steps")
 
@@ -481,7 +491,8 @@ class DataConfig(_Section):
     _path: ClassVar[str] = "data"
 
     calibration: str = "tinystories/calibration.txt"
-    """Held-out text for the knowledge-distribution analysis."""
+    """Held-out text for the knowledge-distribution analysis: a text file, or a ``.json`` / ``.jsonl`` record
+    file whose records are rendered with the prompt template (instruction data, issue 9)."""
     train: list[DatasetConfig] = field(default_factory=_default_pretrain)
     """Pretraining-style sub-datasets: LHSPG trains on their union; recovery stage 1 re-weights them."""
     instruct: list[DatasetConfig] = field(default_factory=_default_instruct)
@@ -808,6 +819,8 @@ class JobSpec(_Section):
             value.validate(sec)
         if self.structures.hidden and not self.export.merge_lora:
             raise _fail("structures.hidden", "hidden-dimension pruning needs export.merge_lora = true")
+        if self.lhspg.instruct_share > 0 and not self.data.instruct:
+            raise _fail("lhspg.instruct_share", f"{self.lhspg.instruct_share} needs data.instruct; the list is empty")
         if "gguf" in self.export.formats and not self.export.merge_lora:
             raise _fail("export.formats", "gguf writes the merged model: it needs export.merge_lora = true")
         if "gguf" in self.export.formats and self.structures.layout != "uniform":

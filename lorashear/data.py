@@ -88,6 +88,19 @@ def format_record(row: dict[str, Any]) -> tuple[str, str]:
     return PROMPT.format(instruction=row["instruction"], input_block=block), str(row["output"])
 
 
+def read_corpus(path: Path, field: str = "data") -> str:
+    """One text from a text file (:func:`read_text`) or from a ``.json`` / ``.jsonl`` record file, each record
+    rendered as its prompt followed by its target (:func:`format_record`), records joined by newlines. The analysis
+    reads ``data.calibration`` so, which lets a job calibrate on its instruction data (issue 9).
+
+    Raises:
+        DataError: as :func:`read_text` and :func:`read_records`.
+    """
+    if path.suffix not in (".jsonl", ".json"):
+        return read_text(path, field)
+    return "\n".join(p + t for p, t in map(format_record, read_records(path, field)))
+
+
 @dataclass
 class TokenStream:
     """A tokenized text as one long sequence, sampled in random windows.

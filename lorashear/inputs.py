@@ -8,6 +8,7 @@ the sizes, the data (:class:`JobData`), where the weights came from, and the pea
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from torch import nn
 
 from lorashear.budget import ModelShape, estimate_peak_bytes
 from lorashear.config import DatasetConfig, JobSpec
-from lorashear.data import RecordSet, SubDataset, TokenStream, read_records, read_text
+from lorashear.data import RecordSet, SubDataset, TokenStream, read_corpus, read_records, read_text
 from lorashear.errors import ConfigError, DataError, UnsupportedModelError
 from lorashear.events import Hooks
 from lorashear.modeling import (
@@ -57,6 +58,37 @@ class JobData:
     def subsets(self) -> list[SubDataset]:
         """Every recovery sub-dataset, pretraining-style then instruction."""
         return self.train + self.instruct
+
+    def lhspg_sampler(
+        self, batch_size: int, seq_len: int, instruct_share: float, gen: torch.Generator
+    ) -> Callable[[], dict[str, torch.Tensor]]:
+        """The LHSPG batch source: windows of :attr:`pool`, or with probability ``instruct_share`` (fraction 0-1) a
+        batch of records from one of the instruction sub-datasets (``lhspg.instruct_share``, issue 9).
+
+        Args:
+            batch_size: sequences per batch.
+            seq_len: tokens per pool window (records keep the length they were cut to at load).
+            instruct_share: probability that a batch comes from the instruction data; 0 draws nothing extra from
+                ``gen``, so the pool's batches are the same as without the option.
+            gen: the job's generator (checkpointed, so a resumed run draws the same batches).
+
+        Returns:
+            A callable giving ``input_ids`` and ``labels`` (and ``attention_mask`` for records), each ``(B, T)``.
+        """
+
+        def from_pool() -> dict[str, torch.Tensor]:
+            return self.pool.sample(batch_size, seq_len, gen)
+
+        if instruct_share <= 0 or not self.instruct:
+            return from_pool
+
+        def mixed() -> dict[str, torch.Tensor]:
+            if float(torch.rand((), generator=gen)) >= instruct_share:
+                return from_pool()
+            sub = self.instruct[int(torch.randint(len(self.instruct), (), generator=gen))]
+            return sub.sample(batch_size, seq_len, gen)
+
+        return mixed
 
     def probe(self, seq_len: int = 32, windows: int = 2) -> torch.Tensor:
         """``(windows, seq_len)`` calibration tokens for checks (exactness, sanity, reload)."""
@@ -121,7 +153,7 @@ def load_job_data(spec: JobSpec, roots: Roots, tokenizer: Any) -> JobData:
     """
     r = spec.recovery
     calib = TokenStream.from_text(
-        read_text(roots.data(spec.data.calibration, "data.calibration"), "data.calibration"),
+        read_corpus(roots.data(spec.data.calibration, "data.calibration"), "data.calibration"),
         tokenizer,
         max_tokens=spec.analysis.max_tokens,
     )

@@ -122,8 +122,7 @@ class _Composer:
 
     def stage_prune(self, loop: LoopState | None) -> None:
         cfg = self.spec.lhspg
-        pool = self.job.data.pool
-        sample = lambda: pool.sample(cfg.batch_size, cfg.seq_len, self.gen)  # noqa: E731
+        sample = self.job.data.lhspg_sampler(cfg.batch_size, cfg.seq_len, cfg.instruct_share, self.gen)
         args = (self.job.model, self.structures, self.set_quotas, cfg, sample)
         self.state.prune = prune(*args, hooks=self.hooks, resume=loop, teacher=self.job.teacher)
         check_sane(self.job.model, self.job.data.probe(), stage="prune", step=cfg.total_steps)

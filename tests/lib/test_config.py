@@ -62,6 +62,8 @@ def test_unknown_key_warns_and_is_ignored() -> None:
         ({"model": "m", "lhspg": {"warmup_steps": 10**20}}, "lhspg.warmup_steps"),
         ({"model": "m", "lhspg": {"periods": 10_000, "period_steps": 10_000}}, "lhspg.period_steps"),
         ({"model": "m", "analysis": {"probe": "random"}}, "analysis.probe"),
+        ({"model": "m", "lhspg": {"instruct_share": 1.5}}, "lhspg.instruct_share"),
+        ({"model": "m", "lhspg": {"instruct_share": 0.5}, "data": {"instruct": []}}, "lhspg.instruct_share"),
     ],
 )
 def test_bad_specs_name_the_field(spec: dict, field: str) -> None:

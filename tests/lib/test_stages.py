@@ -233,3 +233,21 @@ def test_recovery_lr_schedule_decays_and_resumes_alike(tmp_path: Path) -> None:
     resumed = run_collect(spec, tmp_path / "out", tmp_path / "work")
     same_weights(tmp_path / "ref", tmp_path / "out")
     assert resumed.summary == ref.summary
+
+
+def test_lhspg_instruct_share_changes_the_pruning_and_resumes_alike(tmp_path: Path) -> None:
+    """``lhspg.instruct_share`` (issue 9): LHSPG trains, and accumulates Taylor importance, on instruction records
+    too; the run stays exact, differs from the plain-pool run, and a run cancelled inside LHSPG resumes to the same
+    weights (the batch source draws from the checkpointed generator)."""
+    from .test_pipeline import run_collect, same_weights
+
+    spec = spec_of({"lhspg": {"instruct_share": 0.5}})
+    ref = run(spec, tmp_path / "ref", roots=Roots(), work_dir=tmp_path / "wref")
+    plain = run(spec_of(), tmp_path / "plain", roots=Roots(), work_dir=tmp_path / "wplain")
+    assert ref.summary["max_abs_logit_diff"] < 1e-4
+    assert ref.summary["ppl_pruned"] != plain.summary["ppl_pruned"]
+    with pytest.raises(Cancelled):
+        run_collect(spec, tmp_path / "out", tmp_path / "work", cancel_at=("prune", 5))
+    resumed = run_collect(spec, tmp_path / "out", tmp_path / "work")
+    same_weights(tmp_path / "ref", tmp_path / "out")
+    assert resumed.summary == ref.summary

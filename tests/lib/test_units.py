@@ -322,3 +322,54 @@ def test_lr_factor_by_hand() -> None:
     assert [lr_factor("linear", s, 4, warmup=2) for s in range(4)] == pytest.approx([1 / 3, 2 / 3, 3 / 4, 1 / 4])
     with pytest.raises(KeyError):
         lr_factor("step", 0, 4)
+
+
+# LHSPG batch source (issue 9 lever) ----------------------------------------------------------------------------------
+def test_lhspg_sampler_mixes_pool_windows_and_instruction_records() -> None:
+    from lorashear.data import RecordSet, SubDataset
+    from lorashear.inputs import JobData
+
+    pool = TokenStream(torch.arange(100, 400))
+    records = RecordSet([([1, 2], [3, 4, 5]), ([6], [7])], pad_id=0)
+    data = JobData(pool, pool, [], [SubDataset("alpaca", records, [])], pool)
+
+    def draws(share: float, n: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+        gen = torch.Generator().manual_seed(seed)
+        sample = data.lhspg_sampler(2, 8, share, gen)
+        return [sample() for _ in range(n)]
+
+    # share 0: exactly the pool's batches, no extra draws from the generator
+    gen = torch.Generator().manual_seed(0)
+    plain = [pool.sample(2, 8, gen) for _ in range(5)]
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(draws(0.0, 5), plain, strict=True))
+    # share 1: every batch is records: right-padded, loss on the responses only
+    for b in draws(1.0, 5):
+        assert "attention_mask" in b and int(b["input_ids"].max()) < 100
+        assert set(b["labels"][b["labels"] != -100].tolist()) <= {3, 4, 5, 7}
+    # share 0.5: both sources, about half each, and the same draws for the same seed (resume-safe)
+    mixed = draws(0.5, 200)
+    n_records = sum("attention_mask" in b for b in mixed)
+    assert 60 < n_records < 140
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(mixed, draws(0.5, 200), strict=True))
+    assert all(b["input_ids"].shape == (2, 8) for b in mixed if "attention_mask" not in b)
+
+
+def test_read_corpus_renders_record_files_for_calibration(tmp_path) -> None:
+    import json
+
+    from lorashear.data import PROMPT, read_corpus
+    from lorashear.errors import DataError
+
+    recs = tmp_path / "calib.jsonl"
+    recs.write_text(
+        json.dumps({"instruction": "Name a colour.", "output": "Blue."}) + "\n" + json.dumps({"text": "A story."})
+    )
+    prompt = PROMPT.format(instruction="Name a colour.", input_block="")
+    assert read_corpus(recs, "data.calibration") == prompt + "Blue.\nA story."
+    txt = tmp_path / "calib.txt"
+    txt.write_text("one\n\ntwo\n")
+    assert read_corpus(txt, "data.calibration") == "one\ntwo"
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(DataError) as info:
+        read_corpus(tmp_path / "bad.json", "data.calibration")
+    assert info.value.field == "data.calibration" and "bad.json" in str(info.value)
