@@ -285,6 +285,21 @@ ROWS: dict[str, Row] = {
             merge(ABL75, {"lhspg": {"distill": 1.0}, "recovery": {"distill": 1.0}}),
         ),
         Row(
+            "lorashear-r32-taylorprobe-abl75-lhspginstruct",
+            "lorashear",
+            "lorashear-r32-taylorprobe-abl75 whose LHSPG draws half its batches from the instruction data "
+            "(lhspg.instruct_share 0.5), so the Taylor importance that picks the pruned groups sees "
+            "question/answer text",
+            merge(ABL75, {"lhspg": {"instruct_share": 0.5}}),
+        ),
+        Row(
+            "lorashear-r32-taylorprobe-abl75-attn30",
+            "lorashear",
+            "lorashear-r32-taylorprobe-abl75 with 30% of the removed parameters from attention "
+            "(structures.attention_share 0.3; the layer map alone gives 17%): more MLP channels kept, fewer heads",
+            merge(ABL75, {"structures": {"attention_share": 0.3}}),
+        ),
+        Row(
             "oneshot-taylor",
             "one_shot",
             "one-shot first-order Taylor groups with ours' per-layer allocation, no training",

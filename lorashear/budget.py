@@ -423,13 +423,38 @@ def plan_layer_quotas(
             f"gamma={gamma} leaves prunable in the per-layer layout",
             field="target_ratio",
         )
-    wmax = max(w for *_x, w, _c in groups)
-    lo, hi = 0.0, 1.0 / (min(w for *_x, w, _c in groups) / wmax) * 2
-    for _ in range(200):  # bisection on c (in units of 1 / wmax)
-        mid = (lo + hi) / 2
-        got = sum(p * min(cap, mid * w / wmax) for _l, _g, p, w, cap in groups)
-        lo, hi = (mid, hi) if got < budget else (lo, mid)
-    frac = {(lay, g): min(cap, hi * w / wmax) for lay, g, _p, w, cap in groups}
+
+    def allocate(attn_scale: float) -> dict[tuple[int, str], float]:
+        """Removed fraction per node group meeting the budget, attention weights scaled by ``attn_scale``."""
+        ws = [(lay, g, p, w * (attn_scale if g == "attention" else 1.0), cap) for lay, g, p, w, cap in groups]
+        wmax = max(w for *_x, w, _c in ws)
+        lo, hi = 0.0, 1.0 / (min(w for *_x, w, _c in ws) / wmax) * 2
+        for _ in range(200):  # bisection on c (in units of 1 / wmax)
+            mid = (lo + hi) / 2
+            got = sum(p * min(cap, mid * w / wmax) for _l, _g, p, w, cap in ws)
+            lo, hi = (mid, hi) if got < budget else (lo, mid)
+        return {(lay, g): min(cap, hi * w / wmax) for lay, g, _p, w, cap in ws}
+
+    frac = allocate(1.0)
+    share = structures.attention_share
+    if share is not None and structures.attention and structures.mlp:
+        # scale the attention weights until attention gives ``share`` of the removed parameters (monotone in the
+        # scale; bisection on its logarithm)
+        def attn_part(f: dict[tuple[int, str], float]) -> float:
+            return sum(v * p_attn for (_l, g), v in f.items() if g == "attention") / budget
+
+        lo_s, hi_s = -30.0, 30.0
+        for _ in range(100):
+            mid = (lo_s + hi_s) / 2
+            lo_s, hi_s = (mid, hi_s) if attn_part(allocate(math.exp(mid))) < share else (lo_s, mid)
+        frac = allocate(math.exp(hi_s))
+        if abs(attn_part(frac) - share) > 0.01:
+            reach = f"{attn_part(allocate(math.exp(-30))):.3f}-{attn_part(allocate(math.exp(30))):.3f}"
+            raise TargetNotExpressibleError(
+                f"structures.attention_share={share}: at target_ratio={target_ratio} attention can give only "
+                f"{reach} of the removed parameters (gamma={gamma})",
+                field="structures.attention_share",
+            )
 
     # rounding: attention to whole options (error carried forward), MLP absorbs the rest
     kv_rm = [0] * s.num_layers

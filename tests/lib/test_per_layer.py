@@ -76,6 +76,34 @@ def test_per_layer_plan_meets_the_target(ratio: float, exponent: float) -> None:
         assert max(lq.channels for lq in q.layers) - min(lq.channels for lq in q.layers) <= 2
 
 
+@pytest.mark.parametrize("share", [0.1, 0.25, 0.3])
+def test_per_layer_plan_honours_attention_share(share: float) -> None:
+    """``structures.attention_share`` in the per-layer layout (issue 9): attention gives that fraction of the
+    removed parameters (within the rounding to whole heads), the layer map still orders the layers."""
+    gen = torch.Generator().manual_seed(7)
+    attn = (torch.rand(30, generator=gen) * 0.5 + 0.02).tolist()
+    mlp = (torch.rand(30, generator=gen) * 0.5 + 0.02).tolist()
+    cfg = StructureConfig(layout="per_layer", attention_share=share)
+    q = plan_layer_quotas(SMOL, 0.5, cfg, 0.1, layer_map(30, attn, mlp, SMOL))
+    assert abs(q.params_after - q.params_target) <= q.tolerance
+    full = _attn_params(SMOL, SMOL.num_kv_heads, SMOL.n_rep)
+    attn_removed = sum(
+        full - _attn_params(SMOL, SMOL.num_kv_heads - lq.kv_groups, SMOL.n_rep - lq.query_heads_per_group)
+        for lq in q.layers
+    )
+    head = full // 9  # one query head and its share of a KV group: the rounding step
+    removed = q.params_before - q.params_after
+    assert abs(attn_removed - share * removed) < 2 * head
+    least = min(range(30), key=lambda i: attn[i])
+    most = max(range(30), key=lambda i: attn[i])
+    kept = q.kept["num_attention_heads"]
+    assert kept[most] >= kept[least]  # the most sensitive attention keeps at least as many heads
+    with pytest.raises(TargetNotExpressibleError) as info:  # attention cannot give 90% of a 50% cut
+        plan_layer_quotas(SMOL, 0.5, StructureConfig(layout="per_layer", attention_share=0.9), 0.1,
+                          layer_map(30, attn, mlp, SMOL))  # fmt: skip
+    assert info.value.field == "structures.attention_share"
+
+
 def test_per_layer_plan_follows_sensitivity() -> None:
     dev = [0.1 + 0.1 * i for i in range(30)]  # later layers more sensitive
     q = plan_layer_quotas(SMOL, 0.3, StructureConfig(layout="per_layer"), 0.1, layer_map(30, dev, dev, SMOL))
