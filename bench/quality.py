@@ -300,6 +300,13 @@ ROWS: dict[str, Row] = {
             merge(ABL75, {"structures": {"attention_share": 0.3}}),
         ),
         Row(
+            "lorashear-r32-taylorprobe-abl75-attn10",
+            "lorashear",
+            "lorashear-r32-taylorprobe-abl75 with 10% of the removed parameters from attention "
+            "(structures.attention_share 0.1; the layer map alone gives 17%): more heads kept, fewer MLP channels",
+            merge(ABL75, {"structures": {"attention_share": 0.1}}),
+        ),
+        Row(
             "oneshot-taylor",
             "one_shot",
             "one-shot first-order Taylor groups with ours' per-layer allocation, no training",
