@@ -307,6 +307,13 @@ ROWS: dict[str, Row] = {
             merge(ABL75, {"structures": {"attention_share": 0.1}}),
         ),
         Row(
+            "lorashear-r32-taylorprobe-abl75-alpacacalib",
+            "lorashear",
+            "lorashear-r32-taylorprobe-abl75 whose layer map is probed on Alpaca records (data.calibration "
+            "alpaca/alpaca_data_1k.json, rendered with the prompt template) instead of WikiText-2 valid",
+            merge(ABL75, {"data": {"calibration": "alpaca/alpaca_data_1k.json"}}),
+        ),
+        Row(
             "oneshot-taylor",
             "one_shot",
             "one-shot first-order Taylor groups with ours' per-layer allocation, no training",
