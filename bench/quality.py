@@ -314,6 +314,13 @@ ROWS: dict[str, Row] = {
             merge(ABL75, {"data": {"calibration": "alpaca/alpaca_data_1k.json"}}),
         ),
         Row(
+            "lorashear-r32-taylorprobe-abl75-gamma05",
+            "lorashear",
+            "lorashear-r32-taylorprobe-abl75 with gamma 0.05 instead of 0.1: the floor the allocation hits at 50% "
+            "(one head, 154 channels) drops to one head and 77 channels",
+            merge(ABL75, {"analysis": {"gamma": 0.05}}),
+        ),
+        Row(
             "oneshot-taylor",
             "one_shot",
             "one-shot first-order Taylor groups with ours' per-layer allocation, no training",
