@@ -89,15 +89,14 @@ def format_record(row: dict[str, Any]) -> tuple[str, str]:
 
 
 def read_corpus(path: Path, field: str = "data") -> str:
-    """One text from a text file (:func:`read_text`) or from a ``.json`` / ``.jsonl`` record file, each record
-    rendered as its prompt followed by its target (:func:`format_record`), records joined by newlines. The analysis
-    reads ``data.calibration`` so, which lets a job calibrate on its instruction data (issue 9).
+    """One text from the records of :func:`read_records` (a text file's paragraphs, or a ``.json`` / ``.jsonl``
+    record file), each rendered as its prompt followed by its target (:func:`format_record`), joined by newlines:
+    for a text file the same text as :func:`read_text`. The analysis reads ``data.calibration`` so, which lets a job
+    calibrate on its instruction data (issue 9).
 
     Raises:
         DataError: as :func:`read_text` and :func:`read_records`.
     """
-    if path.suffix not in (".jsonl", ".json"):
-        return read_text(path, field)
     return "\n".join(p + t for p, t in map(format_record, read_records(path, field)))
 
 
