@@ -21,6 +21,7 @@ import inspect
 import json
 import math
 import re
+import string
 import textwrap
 import warnings
 from contextvars import ContextVar
@@ -225,6 +226,12 @@ class LoRAConfig(_Section):
     """Projections that carry LoRA, any of q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj."""
     use_rslora: bool = False
     """Rank-stabilised scaling alpha / sqrt(r)."""
+    train_norms: bool = False
+    """Also train the weights of the normalisation layers (RMSNorm / LayerNorm, ``(hidden_size,)`` each: 2 per
+    decoder layer plus the final one) beside the LoRA, in LHSPG and recovery, without weight decay. Pruning removes
+    whole heads and channels, so the scale each layer writes into the residual stream changes; the norm weights
+    re-balance it per hidden channel, which a low-rank update cannot. The norms are base weights: with
+    ``export.merge_lora: false`` the tuned norms live in ``model/`` and the adapter holds only the LoRA (issue 9)."""
 
     def validate(self, path: str) -> None:
         _check_int(f"{path}.rank", self.rank, 1, 4096)
@@ -484,6 +491,28 @@ def _default_instruct() -> list[DatasetConfig]:
     ]
 
 
+PROMPT_TEMPLATE_NAMES = ("alpaca", "question_answer")
+"""Named values of ``data.prompt_template`` (:data:`lorashear.data.PROMPT_TEMPLATES` renders them; issue 9)."""
+
+
+def _check_prompt_template(path: str, value: object) -> None:
+    """A template name, or a format string whose only fields are ``{instruction}`` (required) and ``{input}``."""
+    if not isinstance(value, str) or not value.strip():
+        raise _fail(path, f"expected a template name or format string, got {value!r}")
+    if value in PROMPT_TEMPLATE_NAMES:
+        return
+    try:
+        fields = {name for _, name, _, _ in string.Formatter().parse(value) if name is not None}
+    except ValueError as exc:
+        raise _fail(path, f"not a valid format string ({exc}); write a literal brace as {{{{ or }}}}") from None
+    names = ", ".join(PROMPT_TEMPLATE_NAMES)
+    if "instruction" not in fields:
+        raise _fail(path, f"expected one of {names} or a format string with {{instruction}}, got {value[:80]!r}")
+    unknown = sorted(fields - {"instruction", "input"})
+    if unknown:
+        raise _fail(path, f"unknown placeholder(s) {unknown}: only {{instruction}} and {{input}}")
+
+
 @dataclass
 class DataConfig(_Section):
     """Text for analysis, pruning and evaluation; file names are relative to the data root."""
@@ -499,6 +528,12 @@ class DataConfig(_Section):
     """Instruction sub-datasets for recovery stage 2 (may be empty)."""
     eval: str = "tinystories/eval.txt"
     """Evaluation text for perplexity; must not be any training file."""
+    prompt_template: str = "alpaca"
+    """How instruction records (``instruction``, ``input``, ``output``) become text: ``alpaca`` (the Alpaca
+    paper's ``### Instruction:`` / ``### Response:``), ``question_answer`` (``Question: ...`` / ``Answer: ...``, the
+    shape of lm-eval's ARC and PIQA prompts), or a custom format string over ``{instruction}`` (required) and
+    ``{input}``, e.g. ``"<|user|>{instruction} {input}<|assistant|>"``. Used wherever records are read: recovery's
+    instruction stage, ``lhspg.instruct_share``, a record file as ``data.calibration`` (issue 9)."""
 
     def validate(self, path: str) -> None:
         check_name(f"{path}.calibration", self.calibration)
@@ -518,6 +553,7 @@ class DataConfig(_Section):
                 d.validate(f"{path}.{key}[{i}]")
                 if d.name == "":
                     raise _fail(f"{path}.{key}[{i}].name", "a dataset needs a name")
+        _check_prompt_template(f"{path}.prompt_template", self.prompt_template)
         training = {d.train for d in self.train + self.instruct}
         if self.eval in training:
             raise _fail(f"{path}.eval", f"{self.eval!r} is also a training file; evaluation text must be held out")
@@ -819,6 +855,8 @@ class JobSpec(_Section):
             value.validate(sec)
         if self.structures.hidden and not self.export.merge_lora:
             raise _fail("structures.hidden", "hidden-dimension pruning needs export.merge_lora = true")
+        if self.structures.hidden and self.lora.train_norms:
+            raise _fail("lora.train_norms", "hidden-dimension pruning slices and rescales the norms: not with it")
         if self.lhspg.instruct_share > 0 and not self.data.instruct:
             raise _fail("lhspg.instruct_share", f"{self.lhspg.instruct_share} needs data.instruct; the list is empty")
         if "gguf" in self.export.formats and not self.export.merge_lora:

@@ -18,6 +18,7 @@ from lorashear.budget import ModelShape
 from lorashear.config import LoRAConfig
 from lorashear.errors import AdapterMismatchError, ConfigError, ModelFileError, UnsupportedModelError
 from lorashear.preflight import check_adapter, check_weights, read_model_config
+from lorashear.training import norm_parameter_names
 
 log = logging.getLogger(__name__)
 
@@ -224,8 +225,9 @@ def attach_lora(model: nn.Module, cfg: LoRAConfig, *, adapter: Path | None = Non
                 task_type="CAUSAL_LM",
             ),
         )
+    norms = set(norm_parameter_names(peft_model)) if cfg.train_norms else set()
     for name, p in peft_model.named_parameters():
-        p.requires_grad_(".lora_A." in name or ".lora_B." in name)
+        p.requires_grad_(".lora_A." in name or ".lora_B." in name or name in norms)
     return peft_model
 
 

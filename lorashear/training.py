@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -119,6 +120,30 @@ def train_loss(
         )
     loss.backward()
     return float(loss.detach())
+
+
+def norm_parameter_names(model: nn.Module) -> list[str]:
+    """Names of the normalisation layers' parameters (RMSNorm, LayerNorm; any module class named ``*Norm``),
+    each ``(hidden_size,)`` in a LLaMA-family model: what ``lora.train_norms`` trains (issue 9)."""
+    names = []
+    for mod_name, mod in model.named_modules():
+        if isinstance(mod, nn.LayerNorm) or type(mod).__name__.endswith("Norm"):
+            names += [f"{mod_name}.{n}" if mod_name else n for n, _ in mod.named_parameters(recurse=False)]
+    return names
+
+
+def trainable_groups(model: nn.Module, weight_decay: float | None = None) -> list[dict[str, Any]]:
+    """The trainable parameters as optimizer parameter groups: the LoRA weights (with ``weight_decay``; ``None``
+    keeps the optimizer's default), then the normalisation weights when ``lora.train_norms`` made them trainable,
+    never decayed (a decayed norm weight shrinks a layer's output). Returns one group when no norm trains, so the
+    optimizer state of a LoRA-only run is what it always was (issue 9)."""
+    norms = set(norm_parameter_names(model))
+    lora = [p for n, p in model.named_parameters() if p.requires_grad and n not in norms]
+    tuned = [p for n, p in model.named_parameters() if p.requires_grad and n in norms]
+    first: dict[str, Any] = {"params": lora}
+    if weight_decay is not None:
+        first["weight_decay"] = weight_decay
+    return [first] + ([{"params": tuned, "weight_decay": 0.0}] if tuned else [])
 
 
 def clip_gradients(params: Iterable[nn.Parameter], max_norm: float, *, stage: str, step: int) -> float:

@@ -36,7 +36,7 @@ from lorashear.config import LHSPGConfig
 from lorashear.errors import ExactnessError
 from lorashear.graph import Structures, StructureSet
 from lorashear.importance import Importance, LoRASaliency, group_sq_norms, lora_refs
-from lorashear.training import clip_gradients
+from lorashear.training import clip_gradients, trainable_groups
 
 
 def spread(quota: int, periods: int) -> list[int]:
@@ -74,8 +74,9 @@ class LHSPG:
         self.params = dict(model.named_parameters(remove_duplicate=False))
         self.refs = lora_refs(model)
         self.importance: Importance = importance or LoRASaliency(model, cfg.criteria)
-        self.lora_params = [p for n, p in model.named_parameters() if p.requires_grad]
-        self.inner = torch.optim.AdamW(self.lora_params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        groups = trainable_groups(model, cfg.weight_decay)  # the LoRA, then the norms with lora.train_norms
+        self.lora_params = [p for g in groups for p in g["params"]]
+        self.inner = torch.optim.AdamW(groups, lr=cfg.lr)
         self.step_count = 0
         self.pruned: dict[str, set[int]] = {k: set() for k in self.sets}
         self.active: dict[str, list[int]] = {k: [] for k in self.sets}

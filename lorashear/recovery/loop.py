@@ -20,7 +20,7 @@ from lorashear.data import SubDataset
 from lorashear.evaluation.loss import mean_loss
 from lorashear.events import Hooks, LoopState
 from lorashear.recovery.mixing import mix_weights, round_record
-from lorashear.training import clip_gradients, lr_factor, train_loss
+from lorashear.training import clip_gradients, lr_factor, train_loss, trainable_groups
 
 STAGE = "recover"
 
@@ -121,8 +121,9 @@ def recover(
         Cancelled: ``hooks.should_cancel`` returned True (a checkpoint was saved first).
     """
     hooks = hooks or Hooks()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr)
+    groups = trainable_groups(model)  # the LoRA (AdamW's default decay), then the norms with lora.train_norms
+    params = [p for g in groups for p in g["params"]]
+    opt = torch.optim.AdamW(groups, lr=cfg.lr)
     result, prog = RecoveryResult(), _Progress()
     total = sum(s.rounds * cfg.steps_per_round for s in stages)
     warmup = min(cfg.warmup_steps, max(total - 1, 0))

@@ -251,3 +251,46 @@ def test_lhspg_instruct_share_changes_the_pruning_and_resumes_alike(tmp_path: Pa
     resumed = run_collect(spec, tmp_path / "out", tmp_path / "work")
     same_weights(tmp_path / "ref", tmp_path / "out")
     assert resumed.summary == ref.summary
+
+
+def test_lora_train_norms_tunes_the_norms_exports_them_and_resumes_alike(tmp_path: Path) -> None:
+    """``lora.train_norms`` (issue 9): the RMSNorm weights train beside the LoRA (and only they among the base
+    weights: a LoRA-only run leaves every norm as it was); the export carries them, also as ``model/`` + adapter
+    (the export's reload check compares that pair with the pipeline's logits), and a run cancelled inside
+    recovery, where the optimizer holds two parameter groups, resumes to the same weights."""
+    from safetensors.torch import load_file
+
+    from lorashear.training import norm_parameter_names
+
+    from .test_pipeline import run_collect, same_weights
+
+    dense = load_file(str(BUNDLED_MODEL_ROOT / "stories260K" / "model.safetensors"))
+    norms = [k for k in dense if k.endswith("norm.weight")]
+    assert len(norms) == 2 * 5 + 1  # stories260K: 5 decoder layers
+
+    spec = spec_of({"lora": {"train_norms": True}})
+    ref = run(spec, tmp_path / "ref", roots=Roots(), work_dir=tmp_path / "wref")
+    plain = run(spec_of(), tmp_path / "plain", roots=Roots(), work_dir=tmp_path / "wplain")
+    tuned = load_file(str(tmp_path / "ref" / "model" / "model.safetensors"))
+    untouched = load_file(str(tmp_path / "plain" / "model" / "model.safetensors"))
+    assert all(torch.equal(untouched[k], dense[k]) for k in norms)
+    assert all(not torch.equal(tuned[k], dense[k]) for k in norms)
+    assert ref.summary["max_abs_logit_diff"] < 1e-4 and ref.summary["ppl_recovered"] != plain.summary["ppl_recovered"]
+
+    split = spec_of({"lora": {"train_norms": True}, "export": {"merge_lora": False}})
+    run(split, tmp_path / "split", roots=Roots(), work_dir=tmp_path / "wsplit")
+    base = load_file(str(tmp_path / "split" / "model" / "model.safetensors"))
+    assert all(torch.allclose(base[k], tuned[k], atol=1e-6) for k in norms)  # the tuned norms sit in the base
+
+    with pytest.raises(Cancelled):
+        run_collect(spec, tmp_path / "out", tmp_path / "work", cancel_at=("recover", 4))
+    resumed = run_collect(spec, tmp_path / "out", tmp_path / "work")
+    same_weights(tmp_path / "ref", tmp_path / "out")
+    assert resumed.summary == ref.summary
+
+    import lorashear
+
+    job = lorashear.load(spec)
+    trainable = {n for n, p in job.model.named_parameters() if p.requires_grad}
+    assert set(norm_parameter_names(job.model)) <= trainable
+    assert all(".lora_" in n or n in norm_parameter_names(job.model) for n in trainable)
