@@ -2,7 +2,8 @@
 
 Text files: paragraphs separated by blank lines, joined with ``"\\n"`` (the protocol of the bundled model's
 published perplexity). JSON lines: ``{"text": ...}`` records, or instruction records ``{"instruction", "input"?,
-"output"}`` formatted with the Alpaca template; the loss covers only the response tokens. Batches are padded on
+"output"}`` formatted with a prompt template (:data:`PROMPT_TEMPLATES`, Alpaca's by default); the loss covers only
+the response tokens. Batches are padded on
 the right (ALGORITHM.md section 7).
 """
 
@@ -17,7 +18,47 @@ import torch
 
 from lorashear.errors import DataError
 
-PROMPT = "### Instruction:\n{instruction}\n\n{input_block}### Response:\n"
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    """How an instruction record ``{"instruction", "input"?, "output"}`` becomes ``(prompt, target)`` text.
+
+    ``prompt`` and ``with_input`` are ``str.format`` strings over ``{instruction}`` (and ``{input}`` in
+    ``with_input``), used for records without and with an input; ``target_prefix`` goes before the output (the
+    loss covers the prefix and the output).
+    """
+
+    prompt: str
+    with_input: str
+    target_prefix: str = ""
+
+    def render(self, row: dict[str, Any]) -> tuple[str, str]:
+        """``(prompt, target)`` of one instruction record."""
+        inp = str(row.get("input") or "")
+        fmt = self.with_input if inp else self.prompt
+        return fmt.format(instruction=row["instruction"], input=inp), self.target_prefix + str(row["output"])
+
+
+PROMPT_TEMPLATES: dict[str, PromptTemplate] = {
+    "alpaca": PromptTemplate(
+        "### Instruction:\n{instruction}\n\n### Response:\n",
+        "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n",
+    ),
+    "question_answer": PromptTemplate(
+        "Question: {instruction}\nAnswer:", "Question: {instruction}\n{input}\nAnswer:", target_prefix=" "
+    ),
+}
+"""Named values of ``data.prompt_template`` (issue 9): ``alpaca``, the Alpaca paper's (the default), and
+``question_answer``, the ``Question: ...`` / ``Answer: ...`` shape of lm-eval's ARC and PIQA prompts (target
+after one space, as lm-eval's ``target_delimiter``)."""
+
+
+def prompt_template(value: str) -> PromptTemplate:
+    """The template ``data.prompt_template`` names: a key of :data:`PROMPT_TEMPLATES`, or a custom format string
+    over ``{instruction}`` and ``{input}`` (an absent input renders as an empty string). The spec validated it."""
+    if value in PROMPT_TEMPLATES:
+        return PROMPT_TEMPLATES[value]
+    return PromptTemplate(value, value)
 
 
 def read_text(path: Path, field: str = "data") -> str:
@@ -79,16 +120,15 @@ def read_records(path: Path, field: str = "data") -> list[dict[str, str]]:
     return rows
 
 
-def format_record(row: dict[str, Any]) -> tuple[str, str]:
-    """``(prompt, target)``: the loss is taken on ``target`` only. Plain text records have an empty prompt."""
+def format_record(row: dict[str, Any], template: PromptTemplate = PROMPT_TEMPLATES["alpaca"]) -> tuple[str, str]:
+    """``(prompt, target)``: the loss is taken on ``target`` only. Plain text records have an empty prompt;
+    instruction records are rendered with ``template``."""
     if "text" in row and "instruction" not in row:
         return "", str(row["text"])
-    inp = str(row.get("input") or "")
-    block = f"### Input:\n{inp}\n\n" if inp else ""
-    return PROMPT.format(instruction=row["instruction"], input_block=block), str(row["output"])
+    return template.render(row)
 
 
-def read_corpus(path: Path, field: str = "data") -> str:
+def read_corpus(path: Path, field: str = "data", template: PromptTemplate = PROMPT_TEMPLATES["alpaca"]) -> str:
     """One text from the records of :func:`read_records` (a text file's paragraphs, or a ``.json`` / ``.jsonl``
     record file), each rendered as its prompt followed by its target (:func:`format_record`), joined by newlines:
     for a text file the same text as :func:`read_text`. The analysis reads ``data.calibration`` so, which lets a job
@@ -97,7 +137,7 @@ def read_corpus(path: Path, field: str = "data") -> str:
     Raises:
         DataError: as :func:`read_text` and :func:`read_records`.
     """
-    return "\n".join(p + t for p, t in map(format_record, read_records(path, field)))
+    return "\n".join(p + t for p, t in (format_record(r, template) for r in read_records(path, field)))
 
 
 @dataclass
@@ -148,12 +188,19 @@ class RecordSet:
     pad_id: int
 
     @classmethod
-    def from_rows(cls, rows: list[dict[str, Any]], tokenizer: Any, seq_len: int) -> RecordSet:
-        """Tokenize rows; targets end with EOS; sequences are cut at ``seq_len`` tokens."""
+    def from_rows(
+        cls,
+        rows: list[dict[str, Any]],
+        tokenizer: Any,
+        seq_len: int,
+        template: PromptTemplate = PROMPT_TEMPLATES["alpaca"],
+    ) -> RecordSet:
+        """Tokenize rows (instruction records rendered with ``template``); targets end with EOS; sequences are cut
+        at ``seq_len`` tokens."""
         recs = []
         eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
         for row in rows:
-            prompt, target = format_record(row)
+            prompt, target = format_record(row, template)
             p_ids = tokenizer(prompt, verbose=False).input_ids if prompt else [tokenizer.bos_token_id or 0]
             t_ids = tokenizer(target, add_special_tokens=False, verbose=False).input_ids + eos
             p_ids = p_ids[: max(1, seq_len // 2)]

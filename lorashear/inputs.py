@@ -18,7 +18,16 @@ from torch import nn
 
 from lorashear.budget import ModelShape, estimate_peak_bytes
 from lorashear.config import DatasetConfig, JobSpec
-from lorashear.data import RecordSet, SubDataset, TokenStream, read_corpus, read_records, read_text
+from lorashear.data import (
+    PromptTemplate,
+    RecordSet,
+    SubDataset,
+    TokenStream,
+    prompt_template,
+    read_corpus,
+    read_records,
+    read_text,
+)
 from lorashear.errors import ConfigError, DataError, UnsupportedModelError
 from lorashear.events import Hooks
 from lorashear.modeling import (
@@ -115,7 +124,15 @@ class LoadedJob:
 
 
 def _sub(
-    roots: Roots, tokenizer: Any, ds: DatasetConfig, field: str, stream: bool, seq_len: int, batches: int, bs: int
+    roots: Roots,
+    tokenizer: Any,
+    ds: DatasetConfig,
+    field: str,
+    stream: bool,
+    seq_len: int,
+    batches: int,
+    bs: int,
+    template: PromptTemplate,
 ) -> SubDataset:
     rows = read_records(roots.data(ds.train, f"{field}.train"), f"{field}.train")
     if ds.validation is not None:
@@ -136,8 +153,8 @@ def _sub(
             for i in range(0, len(wins), bs)
         ]
     else:
-        train = RecordSet.from_rows(rows, tokenizer, seq_len)
-        vset = RecordSet.from_rows(val_rows, tokenizer, seq_len)
+        train = RecordSet.from_rows(rows, tokenizer, seq_len, template)
+        vset = RecordSet.from_rows(val_rows, tokenizer, seq_len, template)
         n = min(len(vset), batches * bs)
         val = [vset.batch(list(range(i, min(i + bs, n)))) for i in range(0, n, bs)]
     if len(train) == 0:
@@ -151,9 +168,9 @@ def load_job_data(spec: JobSpec, roots: Roots, tokenizer: Any) -> JobData:
     Raises:
         DataError: a file is missing, malformed or too short for the lengths the spec asks for (``field`` names it).
     """
-    r = spec.recovery
+    r, template = spec.recovery, prompt_template(spec.data.prompt_template)
     calib = TokenStream.from_text(
-        read_corpus(roots.data(spec.data.calibration, "data.calibration"), "data.calibration"),
+        read_corpus(roots.data(spec.data.calibration, "data.calibration"), "data.calibration", template),
         tokenizer,
         max_tokens=spec.analysis.max_tokens,
     )
@@ -167,7 +184,7 @@ def load_job_data(spec: JobSpec, roots: Roots, tokenizer: Any) -> JobData:
         raise DataError(
             f"data.eval: {len(ev)} tokens, fewer than evaluation.window={spec.evaluation.window}", field="data.eval"
         )
-    args = (r.seq_len, r.eval_batches, r.batch_size)
+    args = (r.seq_len, r.eval_batches, r.batch_size, template)
     train = [_sub(roots, tokenizer, d, f"data.train[{i}]", True, *args) for i, d in enumerate(spec.data.train)]
     instruct = [
         _sub(roots, tokenizer, d, f"data.instruct[{i}]", False, *args) for i, d in enumerate(spec.data.instruct)

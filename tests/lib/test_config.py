@@ -64,6 +64,13 @@ def test_unknown_key_warns_and_is_ignored() -> None:
         ({"model": "m", "analysis": {"probe": "random"}}, "analysis.probe"),
         ({"model": "m", "lhspg": {"instruct_share": 1.5}}, "lhspg.instruct_share"),
         ({"model": "m", "lhspg": {"instruct_share": 0.5}, "data": {"instruct": []}}, "lhspg.instruct_share"),
+        ({"model": "m", "lora": {"train_norms": 1}}, "lora.train_norms"),
+        ({"model": "m", "data": {"prompt_template": "vicuna"}}, "data.prompt_template"),
+        ({"model": "m", "data": {"prompt_template": "Q: {instruction} {output}"}}, "data.prompt_template"),
+        ({"model": "m", "data": {"prompt_template": "Q: {instruction.__class__}"}}, "data.prompt_template"),
+        ({"model": "m", "data": {"prompt_template": "Q: {instruction"}}, "data.prompt_template"),
+        ({"model": "m", "data": {"prompt_template": ""}}, "data.prompt_template"),
+        ({"model": "m", "lora": {"train_norms": True}, "structures": {"hidden": True}}, "lora.train_norms"),
     ],
 )
 def test_bad_specs_name_the_field(spec: dict, field: str) -> None:

@@ -357,15 +357,17 @@ def test_lhspg_sampler_mixes_pool_windows_and_instruction_records() -> None:
 def test_read_corpus_renders_record_files_for_calibration(tmp_path) -> None:
     import json
 
-    from lorashear.data import PROMPT, read_corpus
+    from lorashear.data import PROMPT_TEMPLATES, read_corpus
     from lorashear.errors import DataError
 
     recs = tmp_path / "calib.jsonl"
     recs.write_text(
         json.dumps({"instruction": "Name a colour.", "output": "Blue."}) + "\n" + json.dumps({"text": "A story."})
     )
-    prompt = PROMPT.format(instruction="Name a colour.", input_block="")
+    prompt = "### Instruction:\nName a colour.\n\n### Response:\n"
     assert read_corpus(recs, "data.calibration") == prompt + "Blue.\nA story."
+    qa = PROMPT_TEMPLATES["question_answer"]
+    assert read_corpus(recs, "data.calibration", qa) == "Question: Name a colour.\nAnswer: Blue.\nA story."
     txt = tmp_path / "calib.txt"
     txt.write_text("one\n\ntwo\n")
     assert read_corpus(txt, "data.calibration") == "one\ntwo"
@@ -373,3 +375,24 @@ def test_read_corpus_renders_record_files_for_calibration(tmp_path) -> None:
     with pytest.raises(DataError) as info:
         read_corpus(tmp_path / "bad.json", "data.calibration")
     assert info.value.field == "data.calibration" and "bad.json" in str(info.value)
+
+
+def test_prompt_templates_render_records_and_match_the_spec_names() -> None:
+    """``data.prompt_template`` (issue 9): the default renders exactly the Alpaca prompt every earlier run used;
+    ``question_answer`` gives lm-eval's ``Question:`` / ``Answer:`` split (target after one space); a custom format
+    string fills ``{instruction}`` and ``{input}`` (empty when absent). Every name the spec accepts renders."""
+    from lorashear.config import PROMPT_TEMPLATE_NAMES
+    from lorashear.data import PROMPT_TEMPLATES, format_record, prompt_template
+
+    assert set(PROMPT_TEMPLATES) == set(PROMPT_TEMPLATE_NAMES)
+    row = {"instruction": "Add 2 and 3.", "input": "", "output": "5"}
+    with_input = {"instruction": "Translate.", "input": "chat", "output": "cat"}
+    assert format_record(row) == ("### Instruction:\nAdd 2 and 3.\n\n### Response:\n", "5")
+    assert format_record(with_input) == ("### Instruction:\nTranslate.\n\n### Input:\nchat\n\n### Response:\n", "cat")
+    qa = prompt_template("question_answer")
+    assert format_record(row, qa) == ("Question: Add 2 and 3.\nAnswer:", " 5")
+    assert format_record(with_input, qa) == ("Question: Translate.\nchat\nAnswer:", " cat")
+    custom = prompt_template("<u>{instruction} {input}</u>{{x}}")
+    assert format_record(with_input, custom) == ("<u>Translate. chat</u>{x}", "cat")
+    assert format_record(row, custom) == ("<u>Add 2 and 3. </u>{x}", "5")
+    assert format_record({"text": "plain"}, qa) == ("", "plain")
