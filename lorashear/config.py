@@ -389,7 +389,9 @@ class LHSPGConfig(_Section):
     """How a period picks the groups to remove (lowest first): ``taylor`` (default), the first-order Taylor
     importance of each group's output, ``|sum <dL/da_g, a_g>|``, accumulated over every LHSPG step so far from the
     backward pass that trains the LoRA anyway; or ``lora_saliency``, the paper code's five criteria on ``W`` and
-    ``s B A`` (weights in ``criteria``) (ALGORITHM.md section 3). Taylor is the default because it measured better:
+    ``s B A`` (weights in ``criteria``) (ALGORITHM.md section 3); or ``fisher``, the group's joint first-order
+    term squared per sequence, ``sum_seq (sum <dL/da_g, a_g>)^2`` (an empirical Fisher estimate of the loss increase,
+    from the same backward passes). Taylor is the default because it measured better:
     on SmolLM2-135M at 20% removed, perplexity 84.4 vs 113.3 before recovery and 64.34 vs 86.38 after, zero-shot
     avg5 42.7 vs 40.2 (``bench/results/quality-smollm2.md``, issue 9)."""
     criteria: dict[str, float] = field(default_factory=lambda: {c: 0.2 for c in CRITERIA})
@@ -410,7 +412,7 @@ class LHSPGConfig(_Section):
 
     def validate(self, path: str) -> None:
         _check_choice(f"{path}.mode", self.mode, ("decay", "hsp"))
-        _check_choice(f"{path}.importance", self.importance, ("lora_saliency", "taylor"))
+        _check_choice(f"{path}.importance", self.importance, ("lora_saliency", "taylor", "fisher"))
         _check_int(f"{path}.warmup_steps", self.warmup_steps, 0, MAX_STEPS)
         _check_int(f"{path}.periods", self.periods, 1, 10_000)
         _check_int(f"{path}.period_steps", self.period_steps, 1, MAX_STEPS)

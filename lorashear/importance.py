@@ -169,11 +169,21 @@ class TaylorImportance:
     ``score_g = |sum_tokens <dL/da_g, a_g>|`` where ``a_g`` are the consumer-input channels group ``g`` feeds
     (attention heads' ``o_proj`` inputs, MLP channels' ``down_proj`` inputs, the hidden dimension's inputs of every
     reader of the residual stream). Call :meth:`accumulate` inside the forward/backward of each batch; the score
-    is the sum of the per-batch absolute values.
+    is the sum of the per-batch absolute values, per channel, summed over the group's channels.
+
+    With ``fisher=True`` the score is the empirical Fisher estimate of the loss increase when the whole group is
+    removed: ``sum_sequences (sum_tokens sum_{c in g} dL/da_c * a_c)^2``, the group's joint first-order term
+    squared per sequence (Molchanov et al. 2019, "Importance Estimation for Neural Network Pruning"). Near a
+    trained minimum the first-order term averages to zero over many tokens, so its square per sequence carries the
+    signal the batch sum cancels; channels of one group add before squaring, so a head's 64 channels score as
+    one removal (issue 9).
     """
 
-    def __init__(self, model: nn.Module, structures: Structures, keys: Collection[str] | None = None) -> None:
+    def __init__(
+        self, model: nn.Module, structures: Structures, keys: Collection[str] | None = None, *, fisher: bool = False
+    ) -> None:
         """Score the sets of ``structures`` (only those whose key is in ``keys``, when given)."""
+        self.fisher = fisher
         self.structures = structures
         self.sets = [s for s in structures.sets if keys is None or s.key in keys]
         mods = dict(model.named_modules())
@@ -220,14 +230,33 @@ class TaylorImportance:
         finally:
             for h in hooks:
                 h.remove()
+        if self.fisher:
+            self._add_fisher(acts)
+            return
         for name, a in acts.items():
             if a.grad is None:
                 continue
             contrib = (a.grad.float() * a.detach().float()).sum(dim=tuple(range(a.dim() - 1)))  # (in,)
             self.sums[name] = self.sums.get(name, 0) + contrib.abs().cpu().double()
 
+    def _add_fisher(self, acts: dict[str, torch.Tensor]) -> None:
+        """Add ``sum_sequences (group's joint first-order term)^2`` per set, stored under ``"<set key>"``."""
+        per_seq: dict[str, torch.Tensor] = {}  # consumer weight name -> (B, in): sum over tokens of grad * act
+        for name, a in acts.items():
+            if a.grad is not None:
+                per_seq[name] = (a.grad.float() * a.detach().float()).reshape(a.shape[0], -1, a.shape[-1]).sum(1)
+        for sset in self.sets:
+            joint: torch.Tensor | None = None  # (B, G)
+            for sl in sset.slices:
+                if sl.param in per_seq and sl.role == "consumer" and sl.dim == 1 and sl.lora is None:
+                    term = per_seq[sl.param][:, sl.index].sum(-1)
+                    joint = term if joint is None else joint + term
+            if joint is not None:
+                self.sums[sset.key] = self.sums.get(sset.key, 0) + joint.pow(2).sum(0).cpu().double()
+
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """The accumulated per-channel sums, ``{consumer weight name: (in,)}`` (for checkpoints)."""
+        """The accumulated sums (for checkpoints): ``{consumer weight name: (in,)}`` per channel, or with
+        ``fisher`` ``{set key: (G,)}`` per group."""
         return dict(self.sums)
 
     def load_state_dict(self, sums: dict[str, torch.Tensor]) -> None:
@@ -239,6 +268,12 @@ class TaylorImportance:
         return {s.key: self(s) for s in self.sets}
 
     def __call__(self, sset: StructureSet) -> torch.Tensor:
+        if self.fisher:
+            return (
+                self.sums[sset.key].clone()
+                if sset.key in self.sums
+                else torch.zeros(sset.n_groups, dtype=torch.float64)
+            )
         sc = torch.zeros(sset.n_groups, dtype=torch.float64)
         for sl in sset.slices:
             if sl.param in self.sums and sl.role == "consumer" and sl.dim == 1 and sl.lora is None:

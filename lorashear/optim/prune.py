@@ -28,6 +28,10 @@ from lorashear.training import train_loss
 
 STAGE = "prune"
 
+ACCUMULATED = ("taylor", "fisher")
+"""Values of ``lhspg.importance`` accumulated from the LHSPG steps' own backward passes (:class:`TaylorImportance`);
+``lora_saliency`` reads the weights instead."""
+
 _KIND_QUOTA: dict[str, Callable[[Quotas, int | None], int]] = {
     "kv_group": lambda q, layer: q.for_layer(layer).kv_groups,
     "attention_head": lambda q, layer: q.for_layer(layer).kv_groups,
@@ -129,7 +133,11 @@ def prune(
         Cancelled: ``hooks.should_cancel`` returned True (a checkpoint was saved first).
     """
     hooks = hooks or Hooks()
-    taylor = TaylorImportance(model, structures, keys=quotas) if cfg.importance == "taylor" else None
+    taylor = (
+        TaylorImportance(model, structures, keys=quotas, fisher=cfg.importance == "fisher")
+        if cfg.importance in ACCUMULATED
+        else None
+    )
     opt = LHSPG(model, structures, quotas, cfg, importance=taylor)
     losses: list[float] = []
     if resume is not None:

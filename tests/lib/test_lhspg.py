@@ -126,15 +126,17 @@ def test_state_dict_round_trip_continues_identically() -> None:
     assert opt_a.removed() == opt_b.removed()
 
 
-def test_taylor_importance_prunes_exactly_and_resumes_to_the_same_weights() -> None:
-    """``lhspg.importance: taylor`` (issue 9): exact counts, removed groups zero, and a cancel mid-period resumes
-    (optimizer moments, group sets and the accumulated Taylor sums in the loop state) to the same weights."""
+@pytest.mark.parametrize("importance", ["taylor", "fisher"])
+def test_taylor_importance_prunes_exactly_and_resumes_to_the_same_weights(importance: str) -> None:
+    """``lhspg.importance: taylor`` / ``fisher`` (issue 9): exact counts, removed groups zero, and a cancel
+    mid-period resumes (optimizer moments, group sets and the accumulated sums in the loop state) to the same
+    weights."""
     from lorashear.errors import Cancelled
     from lorashear.events import Hooks
     from lorashear.optim import prune
 
     case = Case("llama-gqa2", "llama", 4, 2)
-    cfg = LHSPGConfig(importance="taylor", warmup_steps=2, periods=2, period_steps=3, lr=1e-2)
+    cfg = LHSPGConfig(importance=importance, warmup_steps=2, periods=2, period_steps=3, lr=1e-2)
 
     def fresh():
         model = attach_lora(build_model(case), LoRAConfig(rank=4))
@@ -168,6 +170,43 @@ def test_taylor_importance_prunes_exactly_and_resumes_to_the_same_weights() -> N
     assert again.removed == ref.removed and again.losses == ref.losses
     for (n, a), (_, b) in zip(model.named_parameters(), model2.named_parameters(), strict=True):
         assert torch.equal(a, b), n
+
+
+def test_fisher_importance_is_the_squared_joint_term_of_each_group_per_sequence() -> None:
+    """``lhspg.importance: fisher`` (issue 9): a group's score is ``sum_seq (dL/dm_g)^2`` where ``m_g`` scales the
+    group's channels at their consumer's input (the directional derivative of removing the group), measured here
+    independently with a mask on one sequence at a time; plain Taylor sums ``|.|`` per channel instead."""
+    from lorashear.importance import TaylorImportance
+
+    case = Case("llama-gqa2", "llama", 4, 2)
+    model = build_model(case).eval()
+    st = discover(model)
+    sets = [s for s in st.sets if s.kind in ("mlp_channel", "kv_group") and s.layer == 1]
+    fisher = TaylorImportance(model, st, keys=[s.key for s in sets], fisher=True)
+    x = torch.randint(3, 512, (3, 16), generator=torch.Generator().manual_seed(0))
+
+    def loss_of(ids: torch.Tensor) -> torch.Tensor:
+        return model(input_ids=ids, labels=ids).loss
+
+    with fisher.recording(), torch.enable_grad():
+        loss_of(x).backward()  # mean over the batch: the per-sequence terms below carry 1/3 of it each
+    model.zero_grad(set_to_none=True)
+    mods = dict(model.named_modules())
+    for sset in sets:
+        (sl,) = [s for s in sset.slices if s.role == "consumer" and s.dim == 1 and s.lora is None]
+        expected = torch.zeros(sset.n_groups, dtype=torch.float64)
+        for b in range(x.shape[0]):
+            mask = torch.ones(mods[sl.param.rsplit(".", 1)[0]].in_features, requires_grad=True)
+            hook = mods[sl.param.rsplit(".", 1)[0]].register_forward_pre_hook(lambda _m, a, m=mask: (a[0] * m,))
+            try:
+                (loss_of(x[b : b + 1]) / x.shape[0]).backward()
+            finally:
+                hook.remove()
+            per_group = mask.grad.double()[sl.index].sum(-1)
+            expected += per_group.pow(2)
+            model.zero_grad(set_to_none=True)
+        assert bool((expected > 0).all())
+        torch.testing.assert_close(fisher(sset), expected, rtol=1e-4, atol=1e-12)
 
 
 @pytest.mark.parametrize("criterion", ["taylor", "magnitude", "random"])
