@@ -402,7 +402,7 @@ class LHSPGConfig(_Section):
     """Saliency criteria and weights of ``lora_saliency``; each criterion is normalised by its L2 norm over groups
     before weighting."""
     max_grad_norm: float = 1.0
-    """Gradient clipping of the LoRA weights (L2 norm)."""
+    """Gradient clipping of the trained weights (L2 norm over the LoRA, and the norms with ``lora.train_norms``)."""
     distill: float = 0.0
     """Weight 0-1 of knowledge distillation from the dense model: the loss is ``(1 - distill) * cross-entropy +
     distill * KL(dense || pruned)`` over the next-token distributions (temperature 1) of the scored positions. The
@@ -539,7 +539,8 @@ class DataConfig(_Section):
     paper's ``### Instruction:`` / ``### Response:``), ``question_answer`` (``Question: ...`` / ``Answer: ...``, the
     shape of lm-eval's ARC and PIQA prompts), or a custom format string over ``{instruction}`` (required) and
     ``{input}``, e.g. ``"<|user|>{instruction} {input}<|assistant|>"``. Used wherever records are read: recovery's
-    instruction stage, ``lhspg.instruct_share``, a record file as ``data.calibration`` (issue 9)."""
+    instruction stage, ``lhspg.instruct_share``, a record file as ``data.calibration``. On SmolLM2-135M at 50%
+    ``question_answer`` measured what ``alpaca`` did (perplexity 159.64 vs 158.85, avg5 39.8 vs 39.8; issue 9)."""
 
     def validate(self, path: str) -> None:
         check_name(f"{path}.calibration", self.calibration)
