@@ -183,6 +183,12 @@ ROWS: dict[str, Row] = {
             {"seed": 1, "lora": {"rank": 32, "alpha": 64}},
         ),
         Row(
+            "lorashear-r32-seed2",
+            "lorashear",
+            "lorashear-r32 with seed 2 (LoRA init and data order): a third seed of lorashear-r32",
+            {"seed": 2, "lora": {"rank": 32, "alpha": 64}},
+        ),
+        Row(
             "lorashear-r64",
             "lorashear",
             "ours with LoRA rank 64 / alpha 128 (8x the adapter, the same alpha/rank scale and training tokens)",
@@ -319,6 +325,29 @@ ROWS: dict[str, Row] = {
             "lorashear-r32-taylorprobe-abl75 with gamma 0.05 instead of 0.1: the floor the allocation hits at 50% "
             "(one head, 154 channels) drops to one head and 77 channels",
             merge(ABL75, {"analysis": {"gamma": 0.05}}),
+        ),
+        Row(
+            "lorashear-r32-taylorprobe-abl75-norms",
+            "lorashear",
+            "lorashear-r32-taylorprobe-abl75 that also trains the RMSNorm weights (lora.train_norms: 61 x 576 "
+            "parameters, no weight decay) beside the LoRA in LHSPG and recovery",
+            merge(ABL75, {"lora": {"train_norms": True}}),
+        ),
+        Row(
+            "lorashear-r32-taylorprobe-abl75-qa",
+            "lorashear",
+            "lorashear-r32-taylorprobe-abl75 whose Alpaca records are rendered as 'Question: ...' / 'Answer: ...' "
+            "(data.prompt_template question_answer, the shape of lm-eval's ARC and PIQA prompts) instead of the "
+            "Alpaca template: the same records and steps",
+            merge(ABL75, {"data": {"prompt_template": "question_answer"}}),
+        ),
+        Row(
+            "lorashear-r32-taylorprobe-abl75-fisher",
+            "lorashear",
+            "lorashear-r32-taylorprobe-abl75 whose LHSPG picks groups by the empirical Fisher score (lhspg.importance "
+            "fisher: each group's joint first-order term squared per sequence) instead of |first-order term| per "
+            "channel per batch",
+            merge(ABL75, {"lhspg": {"importance": "fisher"}}),
         ),
         Row(
             "oneshot-taylor",

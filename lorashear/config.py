@@ -215,10 +215,9 @@ class LoRAConfig(_Section):
     rank: int = 8
     """LoRA rank r (>= 1); ignored when an existing adapter is given (its own rank is used). A larger rank gives
     LHSPG more room to move what it removes into the adapter: on SmolLM2-135M at equal training tokens, rank 32 /
-    alpha 64 scored zero-shot avg5 43.5 (two seeds: 44.6, 42.4) vs 42.7 (20% removed) and 38.6 (two seeds: 39.1,
-    38.1) vs 37.6 (50%)
-    against rank 8 / alpha 16; rank 64 gained nothing more (37.8 at 50%) (``bench/results/quality-smollm2.md``,
-    issue 9)."""
+    alpha 64 scored zero-shot avg5 42.8 (three seeds: 44.6, 42.4, 41.4) vs 42.7 (20% removed) and 38.6 (two
+    seeds: 39.1, 38.1) vs 37.6 (50%) against rank 8 / alpha 16, and lower perplexity before recovery at both
+    ratios; rank 64 gained nothing more (37.8 at 50%) (``bench/results/quality-smollm2.md``, issue 9)."""
     alpha: float = 16.0
     """LoRA alpha; the update is scaled by alpha / r (alpha / sqrt(r) with ``use_rslora``)."""
     dropout: float = 0.0
