@@ -507,9 +507,12 @@ def _check_prompt_template(path: str, value: object) -> None:
     if value in PROMPT_TEMPLATE_NAMES:
         return
     try:
-        fields = {name for _, name, _, _ in string.Formatter().parse(value) if name is not None}
+        parsed = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(value) if name is not None]
     except ValueError as exc:
         raise _fail(path, f"not a valid format string ({exc}); write a literal brace as {{{{ or }}}}") from None
+    if any(spec or conv for _, spec, conv in parsed):  # a width such as {instruction:>999999999} would be a DoS
+        raise _fail(path, "placeholders take no format spec or conversion: write {instruction} and {input} bare")
+    fields = {name for name, _, _ in parsed}
     names = ", ".join(PROMPT_TEMPLATE_NAMES)
     if "instruction" not in fields:
         raise _fail(path, f"expected one of {names} or a format string with {{instruction}}, got {value[:80]!r}")

@@ -70,6 +70,8 @@ def test_unknown_key_warns_and_is_ignored() -> None:
         ({"model": "m", "data": {"prompt_template": "Q: {instruction.__class__}"}}, "data.prompt_template"),
         ({"model": "m", "data": {"prompt_template": "Q: {instruction"}}, "data.prompt_template"),
         ({"model": "m", "data": {"prompt_template": ""}}, "data.prompt_template"),
+        ({"model": "m", "data": {"prompt_template": "{instruction:>999999999}"}}, "data.prompt_template"),
+        ({"model": "m", "data": {"prompt_template": "{instruction!r}"}}, "data.prompt_template"),
         ({"model": "m", "lora": {"train_norms": True}, "structures": {"hidden": True}}, "lora.train_norms"),
     ],
 )
