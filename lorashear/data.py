@@ -52,6 +52,9 @@ PROMPT_TEMPLATES: dict[str, PromptTemplate] = {
 ``question_answer``, the ``Question: ...`` / ``Answer: ...`` shape of lm-eval's ARC and PIQA prompts (target
 after one space, as lm-eval's ``target_delimiter``)."""
 
+ALPACA = PROMPT_TEMPLATES["alpaca"]
+"""The default template (every run before ``data.prompt_template`` existed used it)."""
+
 
 def prompt_template(value: str) -> PromptTemplate:
     """The template ``data.prompt_template`` names: a key of :data:`PROMPT_TEMPLATES`, or a custom format string
@@ -120,7 +123,7 @@ def read_records(path: Path, field: str = "data") -> list[dict[str, str]]:
     return rows
 
 
-def format_record(row: dict[str, Any], template: PromptTemplate = PROMPT_TEMPLATES["alpaca"]) -> tuple[str, str]:
+def format_record(row: dict[str, Any], template: PromptTemplate = ALPACA) -> tuple[str, str]:
     """``(prompt, target)``: the loss is taken on ``target`` only. Plain text records have an empty prompt;
     instruction records are rendered with ``template``."""
     if "text" in row and "instruction" not in row:
@@ -128,7 +131,7 @@ def format_record(row: dict[str, Any], template: PromptTemplate = PROMPT_TEMPLAT
     return template.render(row)
 
 
-def read_corpus(path: Path, field: str = "data", template: PromptTemplate = PROMPT_TEMPLATES["alpaca"]) -> str:
+def read_corpus(path: Path, field: str = "data", template: PromptTemplate = ALPACA) -> str:
     """One text from the records of :func:`read_records` (a text file's paragraphs, or a ``.json`` / ``.jsonl``
     record file), each rendered as its prompt followed by its target (:func:`format_record`), joined by newlines:
     for a text file the same text as :func:`read_text`. The analysis reads ``data.calibration`` so, which lets a job
@@ -193,7 +196,7 @@ class RecordSet:
         rows: list[dict[str, Any]],
         tokenizer: Any,
         seq_len: int,
-        template: PromptTemplate = PROMPT_TEMPLATES["alpaca"],
+        template: PromptTemplate = ALPACA,
     ) -> RecordSet:
         """Tokenize rows (instruction records rendered with ``template``); targets end with EOS; sequences are cut
         at ``seq_len`` tokens."""

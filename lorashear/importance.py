@@ -163,6 +163,11 @@ class LoRASaliency:
         return weighted_sum(lora_saliency_terms(lora_group_stats(sset, self.params, self.refs)), self.weights)
 
 
+def _scored(sl: Any) -> bool:
+    """A slice whose input channels :class:`TaylorImportance` records: a base (non-LoRA) consumer, input dim."""
+    return bool(sl.role == "consumer" and sl.dim == 1 and sl.lora is None)
+
+
 class TaylorImportance:
     """First-order Taylor importance of each group, from activations and their gradients.
 
@@ -190,7 +195,7 @@ class TaylorImportance:
         self.consumers: dict[str, nn.Module] = {}
         for s in self.sets:
             for sl in s.slices:
-                if sl.role == "consumer" and sl.lora is None and not sl.param.endswith(".bias") and sl.dim == 1:
+                if _scored(sl) and not sl.param.endswith(".bias"):
                     self.consumers[sl.param] = mods[sl.param.rsplit(".", 1)[0]]
         self.sums: dict[str, torch.Tensor] = {}
         self.model = model
@@ -248,7 +253,7 @@ class TaylorImportance:
         for sset in self.sets:
             joint: torch.Tensor | None = None  # (B, G)
             for sl in sset.slices:
-                if sl.param in per_seq and sl.role == "consumer" and sl.dim == 1 and sl.lora is None:
+                if sl.param in per_seq and _scored(sl):
                     term = per_seq[sl.param][:, sl.index].sum(-1)
                     joint = term if joint is None else joint + term
             if joint is not None:
@@ -269,14 +274,10 @@ class TaylorImportance:
 
     def __call__(self, sset: StructureSet) -> torch.Tensor:
         if self.fisher:
-            return (
-                self.sums[sset.key].clone()
-                if sset.key in self.sums
-                else torch.zeros(sset.n_groups, dtype=torch.float64)
-            )
+            return self.sums.get(sset.key, torch.zeros(sset.n_groups, dtype=torch.float64)).clone()
         sc = torch.zeros(sset.n_groups, dtype=torch.float64)
         for sl in sset.slices:
-            if sl.param in self.sums and sl.role == "consumer" and sl.dim == 1 and sl.lora is None:
+            if sl.param in self.sums and _scored(sl):
                 sc += self.sums[sl.param][sl.index].sum(1)
         return sc
 
