@@ -138,6 +138,8 @@ class Row:
 ABL75: dict[str, Any] = {"lora": {"rank": 32, "alpha": 64}, "analysis": {"probe": "taylor", "ablation_fraction": 0.75}}
 """LoRA rank 32 / alpha 64 and the layer map probed by Taylor score at 75% ablation: the base of the ``-abl75``
 rows."""
+CHATML = "<|im_start|>user\n{instruction}\n{input}<|im_end|>\n<|im_start|>assistant\n"
+"""SmolLM2-Instruct's chat format (ChatML, no system turn) as a custom ``data.prompt_template``."""
 LHSPG6: dict[str, Any] = merge(ABL75, {"lhspg": {"periods": 6}, "recovery": {"steps_per_round": 8}})
 """:data:`ABL75` with LHSPG over 6 periods (10 + 60 steps) and recovery 2 x 8 steps per stage: the same 102 steps
 (the ``-lhspg6`` rows)."""
@@ -348,6 +350,28 @@ ROWS: dict[str, Row] = {
             "fisher: each group's joint first-order term squared per sequence) instead of |first-order term| per "
             "channel per batch",
             merge(ABL75, {"lhspg": {"importance": "fisher"}}),
+        ),
+        Row(
+            "lorashear-r32-taylorprobe-abl75-noptb",
+            "lorashear",
+            "lorashear-r32-taylorprobe-abl75 whose LHSPG and recovery stage 1 draw only WikiText-2, not PTB "
+            "(lower-cased, no punctuation, numbers as N): a subset of the same pool, the same steps and tokens",
+            merge(ABL75, {"data": {"train": [{"name": "wikitext2", "train": "wikitext-2/wiki.valid.tokens"}]}}),
+        ),
+        Row(
+            "lorashear-r32-taylorprobe-abl75-chatml",
+            "lorashear",
+            "lorashear-r32-taylorprobe-abl75 whose Alpaca records are rendered in ChatML, the chat format "
+            "SmolLM2-Instruct was tuned in (a custom data.prompt_template; target ends with its EOS, <|im_end|>): "
+            "the same records and steps",
+            merge(ABL75, {"data": {"prompt_template": CHATML}}),
+        ),
+        Row(
+            "lorashear-r32-taylorprobe-abl75-abl90",
+            "lorashear",
+            "lorashear-r32-taylorprobe-abl75 whose probes ablate 90% of a layer's groups (analysis.ablation_fraction "
+            "0.9: the cut most middle layers get at 50%) instead of 75%",
+            merge(ABL75, {"analysis": {"ablation_fraction": 0.9}}),
         ),
         Row(
             "oneshot-taylor",
