@@ -376,6 +376,13 @@ ROWS: dict[str, Row] = {
             merge(ABL75, {"analysis": {"ablation_fraction": 0.9}}),
         ),
         Row(
+            "lorashear-r32-taylorprobe-abl75-2xrecovery",
+            "lorashear",
+            "lorashear-r32-taylorprobe-abl75 with three times the recovery (2 x 39 steps per stage, 156 in all): "
+            "210,944 training tokens, about twice the budget, an extra row outside the equal-budget comparison",
+            merge(ABL75, {"recovery": {"steps_per_round": 39}}),
+        ),
+        Row(
             "oneshot-taylor",
             "one_shot",
             "one-shot first-order Taylor groups with ours' per-layer allocation, no training",
