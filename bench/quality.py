@@ -140,6 +140,8 @@ class Row:
 ABL75: dict[str, Any] = {"lora": {"rank": 32, "alpha": 64}, "analysis": {"probe": "taylor", "ablation_fraction": 0.75}}
 """LoRA rank 32 / alpha 64 and the layer map probed by Taylor score at 75% ablation: the base of the ``-abl75``
 rows."""
+NO_DISTILL: dict[str, Any] = {"lhspg": {"distill": 0.0}, "recovery": {"distill": 0.0}}
+"""No distillation from the dense model in LHSPG or recovery (the ``ablation-no-distill`` rows)."""
 CHATML = "<|im_start|>user\n{instruction}\n{input}<|im_end|>\n<|im_start|>assistant\n"
 """SmolLM2-Instruct's chat format (ChatML, no system turn) as a custom ``data.prompt_template``."""
 LHSPG6: dict[str, Any] = merge(ABL75, {"lhspg": {"periods": 6}, "recovery": {"steps_per_round": 8}})
@@ -358,7 +360,7 @@ ROWS: dict[str, Row] = {
             "lorashear",
             "lorashear-r32-taylorprobe-abl75 whose LHSPG and recovery stage 1 draw only WikiText-2, not PTB "
             "(lower-cased, no punctuation, numbers as N): a subset of the same pool, the same steps and tokens",
-            merge(ABL75, {"data": {"train": [{"name": "wikitext2", "train": "wikitext-2/wiki.valid.tokens"}]}}),
+            merge(ABL75, {"data": {"train": [d for d in DATA["train"] if d["name"] == "wikitext2"]}}),
         ),
         Row(
             "lorashear-r32-taylorprobe-abl75-chatml",
@@ -442,14 +444,14 @@ ROWS: dict[str, Row] = {
             "ablation-no-distill",
             "lorashear",
             "ours without distillation",
-            {"lhspg": {"distill": 0.0}, "recovery": {"distill": 0.0}},
+            NO_DISTILL,
         ),
         Row(
             "ablation-no-distill-seed1",
             "lorashear",
             "ablation-no-distill with seed 1 (LoRA init and data order): a second seed of the one rank-8 row that met "
             "the 20% goal",
-            {"seed": 1, "lhspg": {"distill": 0.0}, "recovery": {"distill": 0.0}},
+            merge(NO_DISTILL, {"seed": 1}),
         ),
         Row(
             "ablation-saliency",
