@@ -385,6 +385,14 @@ ROWS: dict[str, Row] = {
             merge(ABL75, {"recovery": {"steps_per_round": 39}}),
         ),
         Row(
+            "lorashear-r32-taylorprobe-abl75-hidden11",
+            "lorashear",
+            "lorashear-r32-taylorprobe-abl75 that also prunes 11% of the hidden dimension (structures.hidden_fraction "
+            "0.11: 576 -> 512 in the embedding, every norm and every projection; RMSNorm rescaled), so the layers' "
+            "heads and channels give less of the budget",
+            merge(ABL75, {"structures": {"hidden": True, "hidden_fraction": 0.11}}),
+        ),
+        Row(
             "oneshot-taylor",
             "one_shot",
             "one-shot first-order Taylor groups with ours' per-layer allocation, no training",

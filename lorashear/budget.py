@@ -12,7 +12,7 @@ against the traced model), so a target rejected by one is rejected by the other.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from lorashear.config import StructureConfig
@@ -243,7 +243,9 @@ def plan_quotas(shape: ModelShape, target_ratio: float, structures: StructureCon
     else:
         c_opts = [inter]
     hm = structures.hidden_multiple
-    if structures.hidden:
+    if structures.hidden and structures.hidden_fraction is not None:
+        h_opts = [_hidden_kept(s, structures, gamma)]
+    elif structures.hidden:
         h_min = _protected(s.hidden_size, gamma)
         h_opts = [h for h in range(s.hidden_size, h_min - 1, -1) if h % hm == 0 or h == s.hidden_size]
     else:
@@ -328,6 +330,16 @@ def plan_quotas(shape: ModelShape, target_ratio: float, structures: StructureCon
     )
 
 
+def _hidden_kept(s: ModelShape, structures: StructureConfig, gamma: float) -> int:
+    """Hidden width kept for a fixed ``structures.hidden_fraction``: rounded to ``hidden_multiple``, at least what
+    gamma protects."""
+    assert structures.hidden_fraction is not None
+    hm = structures.hidden_multiple
+    want = s.hidden_size * (1 - structures.hidden_fraction)
+    kept = s.hidden_size if structures.hidden_fraction == 0 else max(hm, int(round(want / hm)) * hm)
+    return max(min(kept, s.hidden_size), _protected(s.hidden_size, gamma))
+
+
 def _attn_params(s: ModelShape, kv: int, rep: int) -> int:
     """Attention parameters of one layer with ``kv`` KV heads of ``rep`` query heads each (biases included)."""
     q, kvw, h = kv * rep * s.head_dim, kv * s.head_dim, s.hidden_size
@@ -357,10 +369,14 @@ def plan_layer_quotas(
     KV groups / query heads (attention, carrying the rounding error from layer to layer) and channel multiples
     (MLP, which absorb the remainder so the total lands within half a channel step of the target).
 
+    With ``structures.hidden`` the hidden dimension (model-wide) first loses ``structures.hidden_fraction`` of its
+    width everywhere (embedding, norms, every projection); the layers' heads and channels then give the rest of the
+    budget, counted at the narrower width.
+
     Args:
         shape: the dense model's sizes.
         target_ratio: fraction 0-1 of the parameters to remove.
-        structures: enabled kinds, attention unit, channel multiple, exponent.
+        structures: enabled kinds, attention unit, channel multiple, exponent, hidden fraction.
         gamma: unprunable ratio (fraction of each set's groups that stays).
         layer_map: :attr:`~lorashear.analysis.Analysis.layer_map` rows (``layer``, ``node_group``,
             ``ablated_groups``, ``deviation`` in nats).
@@ -371,14 +387,30 @@ def plan_layer_quotas(
     Raises:
         TargetNotExpressibleError: the target is beyond what gamma leaves prunable.
     """
-    s = shape
+    before = shape.total_params
+    target_after = round(before - target_ratio * before)
+    hidden_kept = shape.hidden_size
+    if structures.hidden:
+        if structures.hidden_fraction is None:
+            raise TargetNotExpressibleError(
+                "the per_layer layout needs structures.hidden_fraction with structures.hidden",
+                field="structures.hidden_fraction",
+            )
+        hidden_kept = _hidden_kept(shape, structures, gamma)
+    # every count below is at the kept hidden width; ``before`` stays the dense model's
+    s = replace(shape, hidden_size=hidden_kept)
     rep = s.n_rep
     inter = s.intermediate_size
     m = structures.channel_multiple
-    before = s.total_params
-    target_after = round(before - target_ratio * before)
-    fixed = before - s.num_layers * (_attn_params(s, s.num_kv_heads, rep) + _mlp_params(s, inter))
-    budget = before - target_after  # parameters to remove from the layers
+    narrow = s.total_params
+    fixed = narrow - s.num_layers * (_attn_params(s, s.num_kv_heads, rep) + _mlp_params(s, inter))
+    budget = narrow - target_after  # parameters to remove from the layers' heads and channels
+    if budget < 0:
+        raise TargetNotExpressibleError(
+            f"target_ratio={target_ratio}: structures.hidden_fraction={structures.hidden_fraction} alone removes "
+            f"{(before - narrow) / before:.1%} of the parameters, more than the target",
+            field="structures.hidden_fraction",
+        )
 
     # attention options of one layer: (kv removed, query heads removed per kept group) -> params removed
     attn_opts: list[tuple[int, int]] = [(0, 0)]
@@ -479,7 +511,7 @@ def plan_layer_quotas(
             carry = want - c
         # settle the remainder one channel step at a time, on the layers with the most room
         for _ in range(s.num_layers * (inter // m + 1)):
-            after = before - sum(attn_removed[(kv_rm[i], q_rm[i])] for i in range(s.num_layers))
+            after = narrow - sum(attn_removed[(kv_rm[i], q_rm[i])] for i in range(s.num_layers))
             after -= sum(ch) * per_channel
             if abs(after - target_after) <= m * per_channel / 2:
                 break
@@ -512,7 +544,7 @@ def plan_layer_quotas(
         kv_groups=max(q.kv_groups for q in layers),
         query_heads_per_group=max(q.query_heads_per_group for q in layers),
         channels=max(q.channels for q in layers),
-        hidden=0,
+        hidden=shape.hidden_size - hidden_kept,
         params_before=before,
         params_after=after,
         params_target=target_after,

@@ -270,6 +270,11 @@ class StructureConfig(_Section):
     """Round the kept MLP width to a multiple of this many channels (8 or 64 help GPU kernels)."""
     hidden_multiple: int = 8
     """Round the kept hidden width to a multiple of this many dimensions (only with ``hidden``)."""
+    hidden_fraction: float | None = None
+    """Only with ``hidden``: fraction 0-1 of the hidden dimensions to remove (the kept width rounded to
+    ``hidden_multiple``), the rest of the budget coming from heads and channels. ``None`` lets the uniform layout's
+    balance rule pick it (the same removed fraction as attention and MLP); the ``per_layer`` layout needs it, since
+    the hidden dimension is model-wide while the layer map allocates per layer (issue 9)."""
     attention_share: float | None = None
     """Fraction 0-1 of the removed parameters that should come from attention; ``None`` prunes attention and MLP
     by the same fraction of their parameters (the usual LLM-Pruner/FLAP setting) in the uniform layout, and by
@@ -280,7 +285,8 @@ class StructureConfig(_Section):
     """``uniform``: every layer keeps the same widths (stock transformers classes load the export). ``per_layer``:
     each layer's attention and MLP lose what the knowledge-distribution analysis says they can spare
     (:func:`~lorashear.budget.plan_layer_quotas`; issue 9); the export is a ``lorashear_<family>`` model that
-    ``AutoModelForCausalLM.from_pretrained`` loads once ``lorashear`` is imported. Not with ``hidden``."""
+    ``AutoModelForCausalLM.from_pretrained`` loads once ``lorashear`` is imported. With ``hidden``, set
+    ``hidden_fraction``."""
     sensitivity_exponent: float = 1.0
     """``per_layer`` only: how strongly the layer map steers the allocation, 0-4. Each layer node group loses the
     fraction ``c * (params * a**2 / deviation) ** sensitivity_exponent`` (``a``: the analysed ablation fraction,
@@ -303,11 +309,15 @@ class StructureConfig(_Section):
             raise _fail(f"{path}.sensitivity_exponent", f"expected a number, got {self.sensitivity_exponent!r}")
         if not 0 <= self.sensitivity_exponent <= 4:
             raise _fail(f"{path}.sensitivity_exponent", f"expected 0-4, got {self.sensitivity_exponent!r}")
-        if self.layout == "per_layer" and self.hidden:
+        if self.hidden_fraction is not None:
+            _check_ratio(f"{path}.hidden_fraction", self.hidden_fraction, high_open=True)
+            if not self.hidden:
+                raise _fail(f"{path}.hidden_fraction", "needs hidden = true (hidden-dimension pruning is off)")
+        if self.layout == "per_layer" and self.hidden and self.hidden_fraction is None:
             raise _fail(
-                f"{path}.layout",
-                "per_layer prunes heads and channels per layer; the hidden dimension is "
-                "model-wide: set hidden to false or use the uniform layout",
+                f"{path}.hidden_fraction",
+                "per_layer prunes heads and channels per layer while the hidden dimension is model-wide: with "
+                "hidden = true give the fraction of hidden dimensions to remove (e.g. 0.11), or use the uniform layout",
             )
 
 

@@ -114,6 +114,49 @@ def test_per_layer_plan_follows_sensitivity() -> None:
     assert heads[0] <= heads[-1]
 
 
+@pytest.mark.parametrize(("fraction", "kept"), [(0.0, 576), (0.11, 512), (0.2, 464)])
+@pytest.mark.parametrize("ratio", [0.2, 0.5])
+def test_per_layer_plan_with_hidden_fraction(fraction: float, kept: int, ratio: float) -> None:
+    """The hidden width loses its fixed fraction (rounded to 8); heads and channels, counted at the narrower width,
+    give the rest of the budget."""
+    import dataclasses
+
+    gen = torch.Generator().manual_seed(7)
+    attn = (torch.rand(30, generator=gen) * 0.5 + 0.02).tolist()
+    mlp = (torch.rand(30, generator=gen) * 0.5 + 0.02).tolist()
+    rows = layer_map(30, attn, mlp, SMOL)
+    cfg = StructureConfig(layout="per_layer", hidden=True, hidden_fraction=fraction)
+    q = plan_layer_quotas(SMOL, ratio, cfg, 0.1, rows)
+    narrow = dataclasses.replace(SMOL, hidden_size=kept)
+    assert q.hidden == 576 - kept and q.kept["hidden_size"] == kept
+    assert q.params_before == SMOL.total_params
+    assert params_of(narrow, q) == q.params_after
+    assert abs(q.params_after - q.params_target) <= q.tolerance == 3 * kept // 2
+    assert abs(q.params_target - (1 - ratio) * SMOL.total_params) <= 1
+    plain = plan_layer_quotas(SMOL, ratio, StructureConfig(layout="per_layer"), 0.1, rows)
+    if kept < 576:  # the narrower hidden width leaves more heads and channels in the layers
+        assert sum(q.kept["intermediate_size"]) + 200 * sum(q.kept["num_attention_heads"]) > sum(
+            plain.kept["intermediate_size"]
+        ) + 200 * sum(plain.kept["num_attention_heads"])
+    else:
+        assert q.layers == plain.layers
+
+
+def test_per_layer_plan_refuses_a_hidden_fraction_beyond_the_target() -> None:
+    rows = layer_map(30, [0.1] * 30, [0.1] * 30, SMOL)
+    cfg = StructureConfig(layout="per_layer", hidden=True, hidden_fraction=0.5)
+    with pytest.raises(TargetNotExpressibleError, match="hidden_fraction=0.5 alone removes"):
+        plan_layer_quotas(SMOL, 0.2, cfg, 0.1, rows)
+
+
+def test_uniform_plan_honours_a_hidden_fraction() -> None:
+    from lorashear.budget import plan_quotas
+
+    q = plan_quotas(SMOL, 0.5, StructureConfig(hidden=True, hidden_fraction=0.11), 0.1)
+    assert q.hidden == 64 and q.kept["hidden_size"] == 512
+    assert abs(q.params_after - q.params_target) <= q.tolerance
+
+
 def test_per_layer_plan_rejects_what_gamma_forbids() -> None:
     rows = layer_map(30, [0.1] * 30, [0.1] * 30, SMOL)
     with pytest.raises(TargetNotExpressibleError, match="per-layer"):
@@ -123,8 +166,14 @@ def test_per_layer_plan_rejects_what_gamma_forbids() -> None:
 def test_per_layer_spec_validation() -> None:
     with pytest.raises(ConfigError, match="structures.layout"):
         StructureConfig(layout="ragged")
-    with pytest.raises(ConfigError, match="structures.layout"):
-        StructureConfig(layout="per_layer", hidden=True)
+    with pytest.raises(ConfigError, match="structures.hidden_fraction"):
+        StructureConfig(layout="per_layer", hidden=True)  # the hidden dimension is model-wide: give its share
+    with pytest.raises(ConfigError, match="structures.hidden_fraction: needs hidden"):
+        StructureConfig(layout="per_layer", hidden_fraction=0.1)
+    for bad in (1.0, -0.1, "0.1", True, float("nan")):
+        with pytest.raises(ConfigError, match="structures.hidden_fraction"):
+            StructureConfig(layout="per_layer", hidden=True, hidden_fraction=bad)
+    StructureConfig(layout="per_layer", hidden=True, hidden_fraction=0.1)
     with pytest.raises(ConfigError, match="structures.sensitivity_exponent"):
         StructureConfig(layout="per_layer", sensitivity_exponent=-1)
 
@@ -226,6 +275,32 @@ def test_per_layer_job_exports_a_model_auto_classes_load(tmp_path: Path) -> None
 
     base = AutoModelForCausalLM.from_pretrained(str(out / "pruned_base"))
     assert type(PeftModel.from_pretrained(base, str(out / "adapter")).get_base_model()).__name__.startswith("LoRAShear")
+
+
+@pytest.mark.slow
+def test_per_layer_job_with_hidden_pruning_exports_a_model_auto_classes_load(tmp_path: Path) -> None:
+    """Per-layer heads and channels plus a fixed hidden share: the export is narrower everywhere, its logits match
+    the in-memory model (RMSNorm rescaled: close, not bit-exact) and it reloads through the auto classes."""
+    d = copy.deepcopy({"model": "stories260K", "target_ratio": 0.3, **FAST})
+    d["structures"] = {"layout": "per_layer", "hidden": True, "hidden_fraction": 0.125}
+    out = tmp_path / "out"
+    res = run(JobSpec.from_dict(d), out, roots=Roots())
+    report = res.report
+    kept = report["quotas"]["kept"]
+    assert kept["hidden_size"] == 56 and report["quotas"]["hidden"] == 8  # stories260K: hidden 64
+    assert len(set(kept["intermediate_size"])) > 1
+    assert res.summary["params_after"] == report["quotas"]["params_after"]
+    assert abs(report["quotas"]["params_after"] - report["quotas"]["params_target"]) <= report["quotas"]["tolerance"]
+    assert not report["compression"]["exact"] and report["compression"]["max_abs_logit_diff"] < 1e-3
+    cfg = json.loads((out / "model" / "config.json").read_text())
+    assert cfg["model_type"] == "lorashear_llama" and cfg["hidden_size"] == 56
+    assert cfg["layer_intermediate_size"] == kept["intermediate_size"]
+    proc = subprocess.run(
+        [sys.executable, "-c", LOAD, "lorashear_first", str(out / "model")], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    name, params = proc.stdout.split()[-2:]
+    assert name == "LoRAShearLlamaForCausalLM" and int(params) == res.summary["params_after"]
 
 
 def test_set_quotas_per_layer_on_the_bundled_model() -> None:
