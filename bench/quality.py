@@ -385,6 +385,13 @@ ROWS: dict[str, Row] = {
             merge(ABL75, {"recovery": {"steps_per_round": 39}}),
         ),
         Row(
+            "lorashear-r32-taylorprobe-abl75-qa-gamma05",
+            "lorashear",
+            "lorashear-r32-taylorprobe-abl75 with the two changes whose single rows scored highest at 50% together: "
+            "Alpaca records as Question: / Answer: (data.prompt_template question_answer) and gamma 0.05",
+            merge(ABL75, {"data": {"prompt_template": "question_answer"}, "analysis": {"gamma": 0.05}}),
+        ),
+        Row(
             "lorashear-r32-taylorprobe-abl75-hidden11",
             "lorashear",
             "lorashear-r32-taylorprobe-abl75 that also prunes 11% of the hidden dimension (structures.hidden_fraction "
