@@ -262,7 +262,8 @@ class StructureConfig(_Section):
     mlp: bool = True
     """Prune MLP intermediate channels."""
     hidden: bool = False
-    """Also prune the hidden dimension (not exact: RMSNorm is rescaled). Off by default."""
+    """Also prune the hidden dimension (embedding, norms and every projection; RMSNorm's weight and epsilon are
+    rescaled so slicing stays exact). Off by default."""
     attention_unit: str = "auto"
     """GQA only: ``kv_group`` removes whole KV groups, ``query_head`` removes the same number of query heads from
     every KV group, ``auto`` picks the combination whose attention reduction is nearest the budget."""

@@ -129,16 +129,35 @@ def _linear(mod: nn.Module) -> nn.Linear:
 
 @torch.no_grad()
 def rescale_norms_(model: nn.Module, norm_params: list[str], before: int, after: int) -> None:
-    """Multiply RMSNorm weights by ``sqrt(before / after)`` after hidden-dimension removal (ALGORITHM.md section 4).
+    """Make RMSNorm over ``after`` hidden dims compute what it computed over ``before`` (ALGORITHM.md section 4).
 
-    The mean of squares is then taken over ``after`` dims instead of ``before``; the rescale makes the output equal
-    but for the epsilon term, so hidden-dimension pruning is close, not exact.
+    The removed dims are zero in the residual stream, so the sum of squares is unchanged while the mean is now
+    taken over ``after`` dims: ``mean' = mean * before / after``. Multiplying each norm's weight by
+    ``sqrt(before / after)`` and its epsilon by ``before / after`` gives
+    ``w' x / sqrt(mean' + eps') = w x / sqrt(mean + eps)`` exactly, so hidden-dimension removal is exact (not only
+    close, as the brief's weight-only rescale leaves it). The epsilon goes into every rescaled norm module and into
+    the config's ``rms_norm_eps``, which the export writes (all of a LLaMA-family model's RMSNorms act on the
+    hidden dimension and share that value).
+
+    Args:
+        model: the sliced model (PEFT-wrapped or plain); changed in place.
+        norm_params: names of the RMSNorm weights, ``(hidden,)`` each.
+        before: hidden width before slicing.
+        after: hidden width after slicing.
     """
     if before == after:
         return
+    scale = before / after
     params = dict(model.named_parameters(remove_duplicate=False))
     for name in norm_params:
-        params[name].mul_(math.sqrt(before / after))
+        params[name].mul_(math.sqrt(scale))
+        module = model.get_submodule(name.rsplit(".", 1)[0])
+        for attr in ("variance_epsilon", "eps"):
+            if isinstance(getattr(module, attr, None), float):
+                setattr(module, attr, getattr(module, attr) * scale)
+    cfg: Any = getattr(model, "config", None)
+    if cfg is not None and isinstance(getattr(cfg, "rms_norm_eps", None), float):
+        cfg.rms_norm_eps = cfg.rms_norm_eps * scale
 
 
 def make_plan(

@@ -140,7 +140,8 @@ def test_plan_replays_to_identical_weights(case: Case) -> None:
         assert torch.equal(v, base[k]), k
 
 
-def test_hidden_dimension_removal_is_close() -> None:
+def test_hidden_dimension_removal_is_exact() -> None:
+    """RMSNorm's weight times sqrt(d / d') and epsilon times d / d' keep the sliced model's logits equal."""
     case = Case("llama-gqa2", "llama", 4, 2)
     model = lora_model(case)
     st = discover(model, hidden=True)
@@ -153,11 +154,15 @@ def test_hidden_dimension_removal_is_close() -> None:
     kept = kept_indices(st, removed)
     slice_(model, kept)
     norms = [sl.param for sl in hidden.slices if sl.param in hidden.meta["norms"]]
+    eps = model.config.rms_norm_eps
     rescale_norms_(model, norms, 32, 29)
     with torch.no_grad():
         sliced = model(input_ids=x).logits
     assert model.config.hidden_size == 29
-    assert (sliced - sparse).abs().max() < 1e-3  # not exact: RMSNorm's epsilon
+    assert model.config.rms_norm_eps == pytest.approx(eps * 32 / 29)
+    norm_modules = [m for n, m in model.named_modules() if n.endswith("norm")]
+    assert norm_modules and all(m.variance_epsilon == pytest.approx(eps * 32 / 29) for m in norm_modules)
+    assert (sliced - sparse).abs().max() < 1e-5
 
 
 def test_mismatched_adapter_fails_loudly(tmp_path) -> None:
