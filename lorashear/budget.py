@@ -245,6 +245,7 @@ def plan_quotas(shape: ModelShape, target_ratio: float, structures: StructureCon
     hm = structures.hidden_multiple
     if structures.hidden and structures.hidden_fraction is not None:
         h_opts = [_hidden_kept(s, structures, gamma)]
+        _check_hidden_share(s, h_opts[0], target_ratio, structures)
     elif structures.hidden:
         h_min = _protected(s.hidden_size, gamma)
         h_opts = [h for h in range(s.hidden_size, h_min - 1, -1) if h % hm == 0 or h == s.hidden_size]
@@ -340,6 +341,22 @@ def _hidden_kept(s: ModelShape, structures: StructureConfig, gamma: float) -> in
     return max(min(kept, s.hidden_size), _protected(s.hidden_size, gamma))
 
 
+def _check_hidden_share(s: ModelShape, hidden_kept: int, target_ratio: float, structures: StructureConfig) -> None:
+    """Refuse a fixed hidden fraction that alone removes more than ``target_ratio`` of the parameters.
+
+    Raises:
+        TargetNotExpressibleError: on ``structures.hidden_fraction``, with both figures.
+    """
+    before = s.total_params
+    narrow = s.param_count(s.num_kv_heads, s.n_rep, s.intermediate_size, hidden_kept)
+    if narrow < round(before - target_ratio * before):
+        raise TargetNotExpressibleError(
+            f"target_ratio={target_ratio}: structures.hidden_fraction={structures.hidden_fraction} alone removes "
+            f"{(before - narrow) / before:.1%} of the parameters, more than the target",
+            field="structures.hidden_fraction",
+        )
+
+
 def _attn_params(s: ModelShape, kv: int, rep: int) -> int:
     """Attention parameters of one layer with ``kv`` KV heads of ``rep`` query heads each (biases included)."""
     q, kvw, h = kv * rep * s.head_dim, kv * s.head_dim, s.hidden_size
@@ -397,6 +414,7 @@ def plan_layer_quotas(
                 field="structures.hidden_fraction",
             )
         hidden_kept = _hidden_kept(shape, structures, gamma)
+        _check_hidden_share(shape, hidden_kept, target_ratio, structures)
     # every count below is at the kept hidden width; ``before`` stays the dense model's
     s = replace(shape, hidden_size=hidden_kept)
     rep = s.n_rep
@@ -405,12 +423,6 @@ def plan_layer_quotas(
     narrow = s.total_params
     fixed = narrow - s.num_layers * (_attn_params(s, s.num_kv_heads, rep) + _mlp_params(s, inter))
     budget = narrow - target_after  # parameters to remove from the layers' heads and channels
-    if budget < 0:
-        raise TargetNotExpressibleError(
-            f"target_ratio={target_ratio}: structures.hidden_fraction={structures.hidden_fraction} alone removes "
-            f"{(before - narrow) / before:.1%} of the parameters, more than the target",
-            field="structures.hidden_fraction",
-        )
 
     # attention options of one layer: (kv removed, query heads removed per kept group) -> params removed
     attn_opts: list[tuple[int, int]] = [(0, 0)]

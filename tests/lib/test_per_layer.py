@@ -145,8 +145,14 @@ def test_per_layer_plan_with_hidden_fraction(fraction: float, kept: int, ratio: 
 def test_per_layer_plan_refuses_a_hidden_fraction_beyond_the_target() -> None:
     rows = layer_map(30, [0.1] * 30, [0.1] * 30, SMOL)
     cfg = StructureConfig(layout="per_layer", hidden=True, hidden_fraction=0.5)
-    with pytest.raises(TargetNotExpressibleError, match="hidden_fraction=0.5 alone removes"):
+    with pytest.raises(TargetNotExpressibleError, match="hidden_fraction=0.5 alone removes") as err:
         plan_layer_quotas(SMOL, 0.2, cfg, 0.1, rows)
+    assert err.value.field == "structures.hidden_fraction"
+    from lorashear.budget import plan_quotas  # the pre-flight's check, before a job is queued
+
+    with pytest.raises(TargetNotExpressibleError, match="hidden_fraction=0.5 alone removes") as err:
+        plan_quotas(SMOL, 0.2, cfg, 0.1)
+    assert err.value.field == "structures.hidden_fraction"
 
 
 def test_uniform_plan_honours_a_hidden_fraction() -> None:
