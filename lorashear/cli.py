@@ -159,7 +159,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     structures = StructureConfig(
         attention=not args.no_attention,
         mlp=not args.no_mlp,
-        hidden=args.hidden,
+        hidden=args.hidden or args.hidden_fraction is not None,
+        hidden_fraction=args.hidden_fraction,
         attention_unit=args.attention_unit,
         channel_multiple=args.channel_multiple,
     )
@@ -366,6 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--channel-multiple", type=_positive("--channel-multiple"), default=1, help=docs.get("channel_multiple")
     )
     i.add_argument("--hidden", action="store_true", help=docs.get("hidden"))
+    i.add_argument(
+        "--hidden-fraction", type=_fraction("--hidden-fraction"), default=None, help=docs.get("hidden_fraction")
+    )
     i.add_argument("--no-attention", action="store_true")
     i.add_argument("--no-mlp", action="store_true")
     i.set_defaults(func=cmd_inspect)

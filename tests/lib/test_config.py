@@ -150,6 +150,7 @@ def test_preflight_bounds_lora_rank_by_the_model() -> None:
         ["eval", "stories260K", "--data", "x.txt", "--window", "-5"],
         ["eval", "stories260K", "--data", "x.txt", "--device", "banana"],
         ["inspect", "stories260K", "--gamma", "2"],
+        ["inspect", "stories260K", "--hidden-fraction", "1.5"],
     ],
 )
 def test_cli_rejects_bad_arguments_without_traceback(argv: list[str]) -> None:
