@@ -183,6 +183,13 @@ ROWS: dict[str, Row] = {
             {"lora": {"rank": 32, "alpha": 64}, "lhspg": {"distill": 0.0}, "recovery": {"distill": 0.0}},
         ),
         Row(
+            "lorashear-r32-hidden6",
+            "lorashear",
+            "lorashear-r32 that also prunes 6% of the hidden dimension (structures.hidden_fraction 0.056: 576 -> 544; "
+            "RMSNorm's weight and epsilon rescaled), so the layers' heads and channels give less of the budget",
+            {"lora": {"rank": 32, "alpha": 64}, "structures": {"hidden": True, "hidden_fraction": 0.056}},
+        ),
+        Row(
             "lorashear-r32-seed1",
             "lorashear",
             "lorashear-r32 with seed 1 (LoRA init and data order): how far one seed moves a row",
