@@ -407,12 +407,7 @@ def plan_layer_quotas(
     before = shape.total_params
     target_after = round(before - target_ratio * before)
     hidden_kept = shape.hidden_size
-    if structures.hidden:
-        if structures.hidden_fraction is None:
-            raise TargetNotExpressibleError(
-                "the per_layer layout needs structures.hidden_fraction with structures.hidden",
-                field="structures.hidden_fraction",
-            )
+    if structures.hidden:  # StructureConfig's validation makes per_layer + hidden give hidden_fraction
         hidden_kept = _hidden_kept(shape, structures, gamma)
         _check_hidden_share(shape, hidden_kept, target_ratio, structures)
     # every count below is at the kept hidden width; ``before`` stays the dense model's

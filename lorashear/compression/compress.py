@@ -123,7 +123,7 @@ def compress(
     plan = apply_removed(model, structures, removed)
     after = _logits(model, probe_ids)
     model.to(compute)  # exact round trip: every value came from the compute dtype
-    tol: float | None
+    tol: float
     if check_dtype == torch.float64:
         tol = 1e-4  # RMSNorm and RoPE still compute in float32 inside the float64 model
     else:
