@@ -148,6 +148,14 @@ LHSPG6: dict[str, Any] = merge(ABL75, {"lhspg": {"periods": 6}, "recovery": {"st
 """:data:`ABL75` with LHSPG over 6 periods (10 + 60 steps) and recovery 2 x 8 steps per stage: the same 102 steps
 (the ``-lhspg6`` rows)."""
 
+SMALL_BATCH: dict[str, Any] = {
+    "lhspg": {"warmup_steps": 40, "period_steps": 40, "batch_size": 1, "lr": 5e-4},
+    "recovery": {"steps_per_round": 52, "batch_size": 1, "lr": 5e-4},
+}
+"""Batches of 1 x 256 tokens with four times the optimizer steps (408, the same 104,448 tokens) and the learning
+rate scaled by the square root of the batch (1e-3 at 4 -> 5e-4 at 1): more updates from the same tokens (the
+``-b1`` rows)."""
+
 ROWS: dict[str, Row] = {
     r.method: r
     for r in [
@@ -405,6 +413,21 @@ ROWS: dict[str, Row] = {
             "0.11: 576 -> 512 in the embedding, every norm and every projection; RMSNorm rescaled), so the layers' "
             "heads and channels give less of the budget",
             merge(ABL75, {"structures": {"hidden": True, "hidden_fraction": 0.11}}),
+        ),
+        Row(
+            "lorashear-r32-b1",
+            "lorashear",
+            "lorashear-r32 with batches of 1 x 256 tokens and four times the steps (LHSPG 40 + 4 x 40, recovery "
+            "2 x 2 x 52: 408 steps, the same 104,448 tokens) at learning rate 5e-4 (Adam's square-root batch "
+            "scaling from 1e-3 at batch 4)",
+            merge({"lora": {"rank": 32, "alpha": 64}}, SMALL_BATCH),
+        ),
+        Row(
+            "lorashear-r32-taylorprobe-abl75-b1",
+            "lorashear",
+            "lorashear-r32-taylorprobe-abl75 with batches of 1 x 256 tokens, four times the steps and learning rate "
+            "5e-4, like lorashear-r32-b1",
+            merge(ABL75, SMALL_BATCH),
         ),
         Row(
             "oneshot-taylor",
