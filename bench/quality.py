@@ -423,6 +423,25 @@ ROWS: dict[str, Row] = {
             merge({"lora": {"rank": 32, "alpha": 64}}, SMALL_BATCH),
         ),
         Row(
+            "lorashear-r32-b1-seed1",
+            "lorashear",
+            "lorashear-r32-b1 with seed 1 (LoRA init and data order)",
+            merge({"seed": 1, "lora": {"rank": 32, "alpha": 64}}, SMALL_BATCH),
+        ),
+        Row(
+            "lorashear-r32-b1-seed2",
+            "lorashear",
+            "lorashear-r32-b1 with seed 2 (LoRA init and data order)",
+            merge({"seed": 2, "lora": {"rank": 32, "alpha": 64}}, SMALL_BATCH),
+        ),
+        Row(
+            "lorashear-r32-b1-ema",
+            "lorashear",
+            "lorashear-r32-b1 whose recovery ends on an exponential moving average of the LoRA weights "
+            "(recovery.ema 0.98: about the last 50 of its 208 steps)",
+            merge({"lora": {"rank": 32, "alpha": 64}}, merge(SMALL_BATCH, {"recovery": {"ema": 0.98}})),
+        ),
+        Row(
             "lorashear-r32-taylorprobe-abl75-b1",
             "lorashear",
             "lorashear-r32-taylorprobe-abl75 with batches of 1 x 256 tokens, four times the steps and learning rate "

@@ -623,6 +623,11 @@ class RecoveryConfig(_Section):
     """Weight 0-1 of knowledge distillation from the dense model: the loss is ``(1 - distill) * cross-entropy +
     distill * KL(dense || pruned)`` over the next-token distributions (temperature 1) of the scored positions. The
     dense model is a frozen copy kept beside the pruned one (its weights' memory once more). 0: off (issue 9)."""
+    ema: float = 0.0
+    """Decay 0-1 (exclusive of 1) of an exponential moving average of the trained weights (the LoRA, and the norms
+    with ``lora.train_norms``), updated after every optimizer step from the weights recovery starts with; when
+    recovery ends the average replaces them (Polyak averaging; it spans about ``1 / (1 - ema)`` steps). The
+    per-round mix weights are measured on the live weights. 0: off (issue 9)."""
 
     def validate(self, path: str) -> None:
         _check_int(f"{path}.rounds", self.rounds, 1, 10_000)
@@ -641,6 +646,8 @@ class RecoveryConfig(_Section):
             raise _fail(f"{path}.tau", f"expected a number >= 0, got {self.tau!r}")
         _check_int(f"{path}.eval_batches", self.eval_batches, 1, 100_000)
         _check_ratio(f"{path}.distill", self.distill)
+        if isinstance(self.ema, bool) or not isinstance(self.ema, (int, float)) or not 0 <= self.ema < 1:
+            raise _fail(f"{path}.ema", f"expected a number in [0, 1), got {self.ema!r}")
 
 
 ZEROSHOT_TASKS = ("arc_easy", "arc_challenge", "boolq", "hellaswag", "openbookqa", "piqa", "winogrande")

@@ -106,7 +106,7 @@ def recover(
         model: the pruned PEFT model; only the LoRA weights train.
         stages: from :func:`recovery_stages`.
         reference_losses: the dense model's validation loss per sub-dataset name (nats per token).
-        cfg: rounds, steps, learning rate and its schedule, weighting rule.
+        cfg: rounds, steps, learning rate and its schedule, weighting rule, weight averaging (``ema``).
         gen: the data generator (batch sampling and sub-dataset draws); the caller checkpoints its state.
         max_grad_norm: gradient clipping (L2 norm of the LoRA gradients).
         hooks: progress, cancellation and checkpoints (optional).
@@ -127,15 +127,19 @@ def recover(
     result, prog = RecoveryResult(), _Progress()
     total = sum(s.rounds * cfg.steps_per_round for s in stages)
     warmup = min(cfg.warmup_steps, max(total - 1, 0))
+    average = [p.detach().clone() for p in params] if cfg.ema else []
     if resume is not None:
         result = RecoveryResult.from_dict(resume.meta["result"])
         prog = _Progress(**resume.meta["progress"])
         opt.load_state_dict(ckpt.unflatten_optimizer("opt", resume.tensors, resume.meta["optimizer"]))
+        for i, a in enumerate(average):
+            a.copy_(resume.tensors[f"ema.{i}"])
     else:
         hooks.emit(STAGE, "stage_start", 0, total, f"{len(stages)} recovery stage(s), {total} steps")
 
     def snap() -> LoopState:
         tensors, meta = ckpt.flatten_optimizer("opt", opt.state_dict())
+        tensors |= {f"ema.{i}": a for i, a in enumerate(average)}
         return LoopState(STAGE, {"result": result.to_dict(), "progress": asdict(prog), "optimizer": meta}, tensors)
 
     done_before = sum(s.rounds * cfg.steps_per_round for s in stages[: prog.stage_index])
@@ -178,6 +182,10 @@ def recover(
                     group["lr"] = lr
                 opt.step()
                 opt.zero_grad(set_to_none=True)
+                if average:
+                    with torch.no_grad():
+                        for a, p in zip(average, params, strict=True):
+                            a.lerp_(p, 1.0 - cfg.ema)
                 prog.step += 1
                 result.losses.append(loss)
                 hooks.emit(
@@ -193,5 +201,9 @@ def recover(
             prog.step, prog.mixed = 0, False
         done_before += stage.rounds * cfg.steps_per_round
         prog = _Progress(stage_index=prog.stage_index + 1)
+    if average:
+        with torch.no_grad():
+            for a, p in zip(average, params, strict=True):
+                p.copy_(a)
     hooks.emit(STAGE, "stage_end", total, total, "recovery done")
     return result

@@ -73,6 +73,9 @@ def test_unknown_key_warns_and_is_ignored() -> None:
         ({"model": "m", "data": {"prompt_template": "{instruction:>999999999}"}}, "data.prompt_template"),
         ({"model": "m", "data": {"prompt_template": "{instruction!r}"}}, "data.prompt_template"),
         ({"model": "m", "lora": {"train_norms": True}, "structures": {"hidden": True}}, "lora.train_norms"),
+        ({"model": "m", "recovery": {"ema": 1.0}}, "recovery.ema"),
+        ({"model": "m", "recovery": {"ema": -0.1}}, "recovery.ema"),
+        ({"model": "m", "recovery": {"ema": True}}, "recovery.ema"),
     ],
 )
 def test_bad_specs_name_the_field(spec: dict, field: str) -> None:

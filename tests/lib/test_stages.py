@@ -294,3 +294,43 @@ def test_lora_train_norms_tunes_the_norms_exports_them_and_resumes_alike(tmp_pat
     trainable = {n for n, p in job.model.named_parameters() if p.requires_grad}
     assert set(norm_parameter_names(job.model)) <= trainable
     assert all(".lora_" in n or n in norm_parameter_names(job.model) for n in trainable)
+
+
+def test_recovery_ema_ends_on_the_average_of_the_trajectory_and_resumes_alike(tmp_path: Path) -> None:
+    """``recovery.ema`` (issue 9): after every optimizer step the average moves ``1 - ema`` of the way to the live
+    LoRA weights, starting from the weights recovery starts with; when recovery ends the average replaces them.
+    A run cancelled inside recovery resumes to the same weights (the average is in the checkpoint)."""
+    import lorashear
+    from lorashear.config import RecoveryConfig
+    from lorashear.events import Hooks
+
+    from .test_pipeline import run_collect, same_weights
+
+    job = lorashear.load(spec_of())
+    params = [p for p in job.model.parameters() if p.requires_grad]
+    expected = [p.detach().clone() for p in params]
+
+    def on_event(e) -> None:
+        if e.stage == "recover" and e.kind == "progress":
+            for a, p in zip(expected, params, strict=True):
+                a.mul_(0.75).add_(p.detach(), alpha=0.25)
+
+    cfg = RecoveryConfig(rounds=1, steps_per_round=4, batch_size=2, seq_len=32, eval_batches=1, ema=0.75)
+    stages = lorashear.recovery_stages(job.data.train, job.data.instruct, cfg)
+    refs = {d.name: 1.0 for s in stages for d in s.datasets}
+    lorashear.recover(job.model, stages, refs, cfg, torch.Generator().manual_seed(0), hooks=Hooks(on_event=on_event))
+    assert any(not torch.equal(a, torch.zeros_like(a)) for a in expected)
+    for a, p in zip(expected, params, strict=True):
+        torch.testing.assert_close(p.detach(), a, rtol=0, atol=1e-7)
+
+    spec = spec_of({"recovery": {"ema": 0.5}})
+    ref = run(spec, tmp_path / "ref", roots=Roots(), work_dir=tmp_path / "wref")
+    plain = run(spec_of(), tmp_path / "plain", roots=Roots(), work_dir=tmp_path / "wplain")
+    assert ref.summary["max_abs_logit_diff"] < 1e-4
+    assert ref.summary["ppl_recovered"] != plain.summary["ppl_recovered"]
+    assert ref.summary["ppl_pruned"] == plain.summary["ppl_pruned"]  # only recovery changes
+    with pytest.raises(Cancelled):
+        run_collect(spec, tmp_path / "out", tmp_path / "work", cancel_at=("recover", 4))
+    resumed = run_collect(spec, tmp_path / "out", tmp_path / "work")
+    same_weights(tmp_path / "ref", tmp_path / "out")
+    assert resumed.summary == ref.summary
