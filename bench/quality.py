@@ -442,6 +442,19 @@ ROWS: dict[str, Row] = {
             merge({"lora": {"rank": 32, "alpha": 64}}, merge(SMALL_BATCH, {"recovery": {"ema": 0.98}})),
         ),
         Row(
+            "lorashear-r32-b1-ema-seed1",
+            "lorashear",
+            "lorashear-r32-b1-ema with seed 1 (LoRA init and data order)",
+            merge({"seed": 1, "lora": {"rank": 32, "alpha": 64}}, merge(SMALL_BATCH, {"recovery": {"ema": 0.98}})),
+        ),
+        Row(
+            "lorashear-r32-taylorprobe-abl75-ema",
+            "lorashear",
+            "lorashear-r32-taylorprobe-abl75 whose recovery ends on an exponential moving average of the LoRA weights "
+            "(recovery.ema 0.9: about the last 10 of its 52 steps of 4 x 256 tokens)",
+            merge(ABL75, {"recovery": {"ema": 0.9}}),
+        ),
+        Row(
             "lorashear-r32-taylorprobe-abl75-b1",
             "lorashear",
             "lorashear-r32-taylorprobe-abl75 with batches of 1 x 256 tokens, four times the steps and learning rate "
