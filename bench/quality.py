@@ -155,6 +155,10 @@ SMALL_BATCH: dict[str, Any] = {
 """Batches of 1 x 256 tokens with four times the optimizer steps (408, the same 104,448 tokens) and the learning
 rate scaled by the square root of the batch (1e-3 at 4 -> 5e-4 at 1): more updates from the same tokens (the
 ``-b1`` rows)."""
+B1: dict[str, Any] = merge({"lora": {"rank": 32, "alpha": 64}}, SMALL_BATCH)
+"""``lorashear-r32`` with :data:`SMALL_BATCH`."""
+B1_EMA: dict[str, Any] = merge(B1, {"recovery": {"ema": 0.98}})
+""":data:`B1` whose recovery ends on an exponential moving average of the LoRA weights (about its last 50 steps)."""
 
 ROWS: dict[str, Row] = {
     r.method: r
@@ -420,32 +424,26 @@ ROWS: dict[str, Row] = {
             "lorashear-r32 with batches of 1 x 256 tokens and four times the steps (LHSPG 40 + 4 x 40, recovery "
             "2 x 2 x 52: 408 steps, the same 104,448 tokens) at learning rate 5e-4 (Adam's square-root batch "
             "scaling from 1e-3 at batch 4)",
-            merge({"lora": {"rank": 32, "alpha": 64}}, SMALL_BATCH),
+            B1,
         ),
         Row(
             "lorashear-r32-b1-seed1",
             "lorashear",
             "lorashear-r32-b1 with seed 1 (LoRA init and data order)",
-            merge({"seed": 1, "lora": {"rank": 32, "alpha": 64}}, SMALL_BATCH),
-        ),
-        Row(
-            "lorashear-r32-b1-seed2",
-            "lorashear",
-            "lorashear-r32-b1 with seed 2 (LoRA init and data order)",
-            merge({"seed": 2, "lora": {"rank": 32, "alpha": 64}}, SMALL_BATCH),
+            merge(B1, {"seed": 1}),
         ),
         Row(
             "lorashear-r32-b1-ema",
             "lorashear",
             "lorashear-r32-b1 whose recovery ends on an exponential moving average of the LoRA weights "
             "(recovery.ema 0.98: about the last 50 of its 208 steps)",
-            merge({"lora": {"rank": 32, "alpha": 64}}, merge(SMALL_BATCH, {"recovery": {"ema": 0.98}})),
+            B1_EMA,
         ),
         Row(
             "lorashear-r32-b1-ema-seed1",
             "lorashear",
             "lorashear-r32-b1-ema with seed 1 (LoRA init and data order)",
-            merge({"seed": 1, "lora": {"rank": 32, "alpha": 64}}, merge(SMALL_BATCH, {"recovery": {"ema": 0.98}})),
+            merge(B1_EMA, {"seed": 1}),
         ),
         Row(
             "lorashear-r32-taylorprobe-abl75-ema",
@@ -453,13 +451,6 @@ ROWS: dict[str, Row] = {
             "lorashear-r32-taylorprobe-abl75 whose recovery ends on an exponential moving average of the LoRA weights "
             "(recovery.ema 0.9: about the last 10 of its 52 steps of 4 x 256 tokens)",
             merge(ABL75, {"recovery": {"ema": 0.9}}),
-        ),
-        Row(
-            "lorashear-r32-taylorprobe-abl75-b1",
-            "lorashear",
-            "lorashear-r32-taylorprobe-abl75 with batches of 1 x 256 tokens, four times the steps and learning rate "
-            "5e-4, like lorashear-r32-b1",
-            merge(ABL75, SMALL_BATCH),
         ),
         Row(
             "oneshot-taylor",

@@ -646,8 +646,7 @@ class RecoveryConfig(_Section):
             raise _fail(f"{path}.tau", f"expected a number >= 0, got {self.tau!r}")
         _check_int(f"{path}.eval_batches", self.eval_batches, 1, 100_000)
         _check_ratio(f"{path}.distill", self.distill)
-        if isinstance(self.ema, bool) or not isinstance(self.ema, (int, float)) or not 0 <= self.ema < 1:
-            raise _fail(f"{path}.ema", f"expected a number in [0, 1), got {self.ema!r}")
+        _check_ratio(f"{path}.ema", self.ema, high_open=True)
 
 
 ZEROSHOT_TASKS = ("arc_easy", "arc_challenge", "boolq", "hellaswag", "openbookqa", "piqa", "winogrande")
