@@ -453,6 +453,21 @@ ROWS: dict[str, Row] = {
             merge(ABL75, {"recovery": {"ema": 0.9}}),
         ),
         Row(
+            "lorashear-r32-taylorprobe-abl75-recon",
+            "lorashear",
+            "lorashear-r32-taylorprobe-abl75 whose recovery starts with the least-squares refit of every o_proj and "
+            "down_proj to the dense layer outputs (recovery.reconstruct: 8,192 tokens of training text, ridge 1.0; "
+            "forward passes only, no training tokens)",
+            merge(ABL75, {"recovery": {"reconstruct": True}}),
+        ),
+        Row(
+            "lorashear-r32-recon",
+            "lorashear",
+            "lorashear-r32 whose recovery starts with the least-squares refit (recovery.reconstruct, as in "
+            "-abl75-recon)",
+            merge({"lora": {"rank": 32, "alpha": 64}}, {"recovery": {"reconstruct": True}}),
+        ),
+        Row(
             "oneshot-taylor",
             "one_shot",
             "one-shot first-order Taylor groups with ours' per-layer allocation, no training",
@@ -661,6 +676,7 @@ def run_lorashear(row: Row, ratio: float, args: argparse.Namespace, work: Path) 
         "params": s["params_after"],
         "train_tokens": train_tokens(spec_d, "lorashear"),
         "ppl_before_recovery": s["ppl_pruned"],
+        **({"reconstruction": res.report["reconstruction"]} if res.report.get("reconstruction") else {}),
         "pipeline_wall_s": wall,
         "kept": res.report["quotas"]["kept"],
         "spec": spec_d,

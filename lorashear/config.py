@@ -628,6 +628,18 @@ class RecoveryConfig(_Section):
     with ``lora.train_norms``), updated after every optimizer step from the weights recovery starts with; when
     recovery ends the average replaces them (Polyak averaging; it spans about ``1 / (1 - ema)`` steps). The
     per-round mix weights are measured on the live weights. 0: off (issue 9)."""
+    reconstruct: bool = False
+    """Before the fine-tuning, refit the kept input columns of every layer's output projections (``o_proj``,
+    ``down_proj``) by ridge least squares, layer by layer, so each pruned block writes what the dense block wrote on
+    ``reconstruct_tokens`` tokens of the training text (:mod:`lorashear.recovery.reconstruct`; no gradient steps,
+    so not training tokens). Keeps the dense model's copy beside the pruned one, as ``distill`` does. Not with
+    ``structures.hidden`` (issue 9)."""
+    reconstruct_tokens: int = 8192
+    """Tokens of training text (windows of ``seq_len`` drawn from the plain-text training data with the job's seed)
+    the refit is fitted on."""
+    reconstruct_ridge: float = 1.0
+    """Ridge coefficient of the refit, a fraction (> 0) of the mean diagonal of the inputs' Gram matrix; larger stays
+    closer to the weights LHSPG left."""
 
     def validate(self, path: str) -> None:
         _check_int(f"{path}.rounds", self.rounds, 1, 10_000)
@@ -647,6 +659,10 @@ class RecoveryConfig(_Section):
         _check_int(f"{path}.eval_batches", self.eval_batches, 1, 100_000)
         _check_ratio(f"{path}.distill", self.distill)
         _check_ratio(f"{path}.ema", self.ema, high_open=True)
+        if not isinstance(self.reconstruct, bool):
+            raise _fail(f"{path}.reconstruct", f"expected true or false, got {self.reconstruct!r}")
+        _check_int(f"{path}.reconstruct_tokens", self.reconstruct_tokens, self.seq_len, MAX_TOKENS)
+        _check_positive(f"{path}.reconstruct_ridge", self.reconstruct_ridge)
 
 
 ZEROSHOT_TASKS = ("arc_easy", "arc_challenge", "boolq", "hellaswag", "openbookqa", "piqa", "winogrande")
@@ -881,6 +897,12 @@ class JobSpec(_Section):
             value.validate(sec)
         if self.structures.hidden and not self.export.merge_lora:
             raise _fail("structures.hidden", "hidden-dimension pruning needs export.merge_lora = true")
+        if self.structures.hidden and self.recovery.reconstruct:
+            raise _fail(
+                "recovery.reconstruct",
+                "the refit matches the dense model's layer outputs, which hidden-dimension pruning changes: "
+                "not with structures.hidden",
+            )
         if self.structures.hidden and self.lora.train_norms:
             raise _fail("lora.train_norms", "hidden-dimension pruning slices and rescales the norms: not with it")
         if self.lhspg.instruct_share > 0 and not self.data.instruct:

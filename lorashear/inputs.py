@@ -270,7 +270,8 @@ def load(
             if value > limit:
                 raise ConfigError(f"{fld}: {value} tokens exceed the model's context of {limit}", field=fld)
     tokenizer = load_tokenizer(checked.model_path)
-    teacher = copy.deepcopy(base).requires_grad_(False).eval() if spec.lhspg.distill or spec.recovery.distill else None
+    dense_copy = spec.lhspg.distill or spec.recovery.distill or spec.recovery.reconstruct
+    teacher = copy.deepcopy(base).requires_grad_(False).eval() if dense_copy else None
     model = attach_lora(base, spec.lora, adapter=roots.adapter(spec.adapter) if spec.adapter else None)
     hooks.emit(STAGE, "progress", 2, 3, "LoRA attached")
     need = _check_memory(spec, model, shape, device, dtype, teacher is not None)

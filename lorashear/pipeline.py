@@ -37,7 +37,7 @@ from lorashear.graph import discover
 from lorashear.inputs import load
 from lorashear.modeling import load_model
 from lorashear.optim import prune, set_quotas
-from lorashear.recovery import recover, recovery_stages
+from lorashear.recovery import reconstruct, recover, recovery_stages
 from lorashear.report import RunResult, build_report, draw_report, peak_memory_mib, publish, staging_dir, summary
 from lorashear.resolve import Roots
 from lorashear.training import check_sane
@@ -141,11 +141,43 @@ class _Composer:
 
     def stage_recover(self, loop: LoopState | None) -> None:
         r, data = self.spec.recovery, self.job.data
+        if r.reconstruct and loop is None and self.state.reconstruction is None:
+            self._reconstruct()
         stages = recovery_stages(data.train, data.instruct, r)
         args = (self.job.model, stages, self.state.reference_losses, r, self.gen)
         clip, teacher = self.spec.lhspg.max_grad_norm, self.job.teacher
         self.state.recovery = recover(*args, max_grad_norm=clip, hooks=self.hooks, resume=loop, teacher=teacher)
         check_sane(self.job.model, data.probe(), stage="recover")
+
+    def _reconstruct(self) -> None:
+        """``recovery.reconstruct``: the least-squares refit before the fine-tuning. It has no cancel point of its
+        own (a checkpoint of half-refitted weights would not resume to the same model): a cancel asked for during
+        the refit takes effect at the fine-tuning's first step, a killed run redoes it from the sliced weights."""
+        r, job = self.spec.recovery, self.job
+        assert job.teacher is not None  # load keeps the dense copy when recovery.reconstruct is set
+        n = max(1, r.reconstruct_tokens // r.seq_len)
+        windows = job.data.pool.sample(n, r.seq_len, torch.Generator().manual_seed(self.spec.seed))["input_ids"]
+
+        def progress(done: int, total: int, name: str) -> None:
+            self.hooks.emit("recover", "log", message=f"least-squares refit {done}/{total}: {name}")
+
+        res = reconstruct(
+            job.model, job.teacher, self.structures, windows, ridge=r.reconstruct_ridge, on_module=progress
+        )
+        check_sane(job.model, job.data.probe(), stage="recover")
+        res.perplexity = self._evaluate("recover", "reconstructed").perplexity.perplexity
+        self.state.reconstruction = res
+        s = res.summary()
+        message = (
+            f"least-squares refit of {s['modules']} output projections on {s['tokens']} tokens: "
+            f"mean relative error {s['mean_error_before']:.3f} -> {s['mean_error_after']:.3f}, "
+            f"perplexity {res.perplexity:.3f}"
+        )
+        metrics = {
+            "reconstruction/error_before": s["mean_error_before"],
+            "reconstruction/error_after": s["mean_error_after"],
+        }
+        self.hooks.emit("recover", "log", message=message, metrics=metrics, data=s)
 
     def stage_evaluate(self, _loop: LoopState | None) -> None:
         self.hooks.emit("evaluate", "stage_start", 0, 1, "final perplexity and zero-shot accuracy")

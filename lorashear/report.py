@@ -159,6 +159,7 @@ def build_report(
             "artifacts": exported.artifacts,
             "gguf_max_abs_logit_diff": exported.gguf_max_abs_logit_diff,
         },
+        "reconstruction": state.reconstruction.summary() if state.reconstruction else None,
         "recovery": state.recovery.summary() if state.recovery else None,
         "perplexity": {
             "protocol": {

@@ -24,7 +24,7 @@ from lorashear.evaluation.stage import EvaluationResult
 from lorashear.events import STAGES, LoopState
 from lorashear.graph import Structures
 from lorashear.optim import PruneResult
-from lorashear.recovery import RecoveryResult
+from lorashear.recovery import ReconstructionResult, RecoveryResult
 
 _RESULTS: dict[str, Any] = {
     "dense": EvaluationResult,
@@ -32,6 +32,7 @@ _RESULTS: dict[str, Any] = {
     "prune": PruneResult,
     "compression": CompressionResult,
     "pruned": EvaluationResult,
+    "reconstruction": ReconstructionResult,
     "recovery": RecoveryResult,
     "final": EvaluationResult,
 }
@@ -47,7 +48,8 @@ class RunState:
         stage_done: index in :data:`~lorashear.events.STAGES` of the last finished stage (-1: none).
         dense: the dense model's evaluation (before pruning).
         reference_losses: the dense model's validation loss per recovery sub-dataset, nats per token.
-        analysis / prune / compression / recovery: the stage results.
+        analysis / prune / compression / recovery: the stage results; reconstruction: the least-squares refit at
+            the start of recovery (``recovery.reconstruct``), ``None`` without it.
         pruned: evaluation after compression, before recovery. final: after recovery.
         timings: per stage ``{"wall_s", "cpu_peak_rss_mib", ...}``.
     """
@@ -60,6 +62,7 @@ class RunState:
     prune: PruneResult | None = None
     compression: CompressionResult | None = None
     pruned: EvaluationResult | None = None
+    reconstruction: ReconstructionResult | None = None
     recovery: RecoveryResult | None = None
     final: EvaluationResult | None = None
     timings: dict[str, dict[str, float]] = field(default_factory=dict)

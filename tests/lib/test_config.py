@@ -76,6 +76,10 @@ def test_unknown_key_warns_and_is_ignored() -> None:
         ({"model": "m", "recovery": {"ema": 1.0}}, "recovery.ema"),
         ({"model": "m", "recovery": {"ema": -0.1}}, "recovery.ema"),
         ({"model": "m", "recovery": {"ema": True}}, "recovery.ema"),
+        ({"model": "m", "recovery": {"reconstruct": "yes"}}, "recovery.reconstruct"),
+        ({"model": "m", "recovery": {"reconstruct_tokens": 64}}, "recovery.reconstruct_tokens"),
+        ({"model": "m", "recovery": {"reconstruct_ridge": 0}}, "recovery.reconstruct_ridge"),
+        ({"model": "m", "recovery": {"reconstruct": True}, "structures": {"hidden": True}}, "recovery.reconstruct"),
     ],
 )
 def test_bad_specs_name_the_field(spec: dict, field: str) -> None:
