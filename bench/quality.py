@@ -461,11 +461,14 @@ ROWS: dict[str, Row] = {
             merge(ABL75, {"recovery": {"reconstruct": True}}),
         ),
         Row(
-            "lorashear-r32-recon",
-            "lorashear",
-            "lorashear-r32 whose recovery starts with the least-squares refit (recovery.reconstruct, as in "
-            "-abl75-recon)",
-            merge({"lora": {"rank": 32, "alpha": 64}}, {"recovery": {"reconstruct": True}}),
+            "oneshot-taylor-recon",
+            "one_shot",
+            "one-shot first-order Taylor groups with ours' per-layer allocation, then the least-squares refit of every "
+            "o_proj and down_proj to the dense residual stream (recovery.reconstruct, target stream, ridge 1.0, 8,192 "
+            "tokens of training text; forward passes only), no training",
+            {"recovery": {"reconstruct": True, "reconstruct_target": "stream"}},
+            criterion="taylor",
+            train=False,
         ),
         Row(
             "oneshot-taylor",
@@ -717,6 +720,7 @@ def run_one_shot(row: Row, ratio: float, args: argparse.Namespace, work: Path) -
     from lorashear.budget import plan_layer_quotas
     from lorashear.evaluation.loss import mean_loss, window_batches
     from lorashear.modeling import count_params
+    from lorashear.recovery.reconstruct import refit_windows
     from lorashear.resolve import Roots
 
     over = {"recovery": ONE_SHOT_RECOVERY, "lhspg": {"distill": 0.0}}
@@ -733,6 +737,14 @@ def run_one_shot(row: Row, ratio: float, args: argparse.Namespace, work: Path) -
         q = lorashear.plan_quotas(job.shape, ratio, spec.structures, spec.analysis.gamma)
     removed = one_shot(job.model, st, lorashear.set_quotas(st, q), row.criterion, window_batches(windows, 8))
     lorashear.compress(job.model, st, removed, probe_ids=job.data.probe(), expected_params=q.params_after)
+    refit: dict[str, Any] = {}
+    if spec.recovery.reconstruct:  # what the pipeline's recovery does first, with the same windows
+        r = spec.recovery
+        res = lorashear.reconstruct(
+            job.model, job.teacher, st, refit_windows(job.data.pool, r, spec.seed), ridge=r.reconstruct_ridge,
+            target=r.reconstruct_target,
+        )  # fmt: skip
+        refit = {"reconstruction": res.summary()}
     before = lorashear.evaluate(job.model, job.data.eval, spec.evaluation).perplexity.perplexity
     tokens = 0
     if row.train:
@@ -747,6 +759,7 @@ def run_one_shot(row: Row, ratio: float, args: argparse.Namespace, work: Path) -
         "params": n,
         "train_tokens": tokens,
         "ppl_before_recovery": before,
+        **refit,
         "kept": q.kept,
         **score(model, job.tokenizer, args.data_root, args.limit, args.smoke),
     }

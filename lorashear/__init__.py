@@ -40,6 +40,7 @@ _LAZY = {
     "prune": "lorashear.optim",
     "set_quotas": "lorashear.optim",
     "compress": "lorashear.compression",
+    "reconstruct": "lorashear.recovery",
     "recover": "lorashear.recovery",
     "recovery_stages": "lorashear.recovery",
     "evaluate": "lorashear.evaluation",

@@ -640,6 +640,10 @@ class RecoveryConfig(_Section):
     reconstruct_ridge: float = 1.0
     """Ridge coefficient of the refit, a fraction (> 0) of the mean diagonal of the inputs' Gram matrix; larger stays
     closer to the weights LHSPG left."""
+    reconstruct_target: str = "block"
+    """What each output projection is refitted to: ``block``, the dense module's output; ``stream``, that output
+    plus the gap between the dense and the pruned residual stream where the module adds to it (each module also
+    cancels what earlier layers left)."""
 
     def validate(self, path: str) -> None:
         _check_int(f"{path}.rounds", self.rounds, 1, 10_000)
@@ -663,6 +667,11 @@ class RecoveryConfig(_Section):
             raise _fail(f"{path}.reconstruct", f"expected true or false, got {self.reconstruct!r}")
         _check_int(f"{path}.reconstruct_tokens", self.reconstruct_tokens, self.seq_len, MAX_TOKENS)
         _check_positive(f"{path}.reconstruct_ridge", self.reconstruct_ridge)
+        _check_choice(f"{path}.reconstruct_target", self.reconstruct_target, RECONSTRUCT_TARGETS)
+
+
+RECONSTRUCT_TARGETS = ("block", "stream")
+"""What ``recovery.reconstruct`` refits each output projection to (:mod:`lorashear.recovery.reconstruct`)."""
 
 
 ZEROSHOT_TASKS = ("arc_easy", "arc_challenge", "boolq", "hellaswag", "openbookqa", "piqa", "winogrande")

@@ -38,6 +38,7 @@ from lorashear.inputs import load
 from lorashear.modeling import load_model
 from lorashear.optim import prune, set_quotas
 from lorashear.recovery import reconstruct, recover, recovery_stages
+from lorashear.recovery.reconstruct import refit_windows
 from lorashear.report import RunResult, build_report, draw_report, peak_memory_mib, publish, staging_dir, summary
 from lorashear.resolve import Roots
 from lorashear.training import check_sane
@@ -155,14 +156,19 @@ class _Composer:
         the refit takes effect at the fine-tuning's first step, a killed run redoes it from the sliced weights."""
         r, job = self.spec.recovery, self.job
         assert job.teacher is not None  # load keeps the dense copy when recovery.reconstruct is set
-        n = max(1, r.reconstruct_tokens // r.seq_len)
-        windows = job.data.pool.sample(n, r.seq_len, torch.Generator().manual_seed(self.spec.seed))["input_ids"]
+        windows = refit_windows(job.data.pool, r, self.spec.seed)
 
         def progress(done: int, total: int, name: str) -> None:
             self.hooks.emit("recover", "log", message=f"least-squares refit {done}/{total}: {name}")
 
         res = reconstruct(
-            job.model, job.teacher, self.structures, windows, ridge=r.reconstruct_ridge, on_module=progress
+            job.model,
+            job.teacher,
+            self.structures,
+            windows,
+            ridge=r.reconstruct_ridge,
+            target=r.reconstruct_target,
+            on_module=progress,
         )
         check_sane(job.model, job.data.probe(), stage="recover")
         res.perplexity = self._evaluate("recover", "reconstructed").perplexity.perplexity

@@ -10,7 +10,9 @@ writes what the dense block wrote:
     lambda = ridge * mean(diag(X^T X))
 
 where ``X_pruned`` ``(tokens, kept inputs)`` is what the module receives in the pruned model (its earlier layers
-already refitted) and ``Y_dense`` ``(tokens, hidden)`` what the same module returns in the dense model. The ridge
+already refitted) and ``Y_dense`` ``(tokens, hidden)`` what the same module returns in the dense model (target
+``block``), or that plus the gap ``R_dense - R_pruned`` between the two residual streams the module adds to
+(target ``stream``: each module also cancels the drift earlier layers left, as far as its inputs can). The ridge
 term pulls towards the current weights, so a module with too few calibration tokens barely moves. This is the
 least-squares compensation of one-shot structured pruners (FLAP's bias compensation, the column refit of
 SlimGPT / ZipLM), applied here once after LHSPG's progressive pruning and before the LoRA recovery. Only base
@@ -27,10 +29,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from lorashear.config import RECONSTRUCT_TARGETS, RecoveryConfig
+from lorashear.data import TokenStream
 from lorashear.graph import Structures
 from lorashear.modeling import base_name
 
 STAGE = "recover"
+TARGETS = RECONSTRUCT_TARGETS
+"""What each output projection is refitted to (:func:`reconstruct`'s ``target``)."""
 
 
 @dataclass
@@ -77,6 +83,18 @@ class ReconstructionResult:
             "mean_error_after": sum(self.error_after) / n,
             "worst_after": None if worst is None else [self.modules[worst], self.error_after[worst]],
         }
+
+
+def refit_windows(pool: TokenStream, cfg: RecoveryConfig, seed: int) -> torch.Tensor:
+    """The refit's calibration text for ``recovery.reconstruct``: ``reconstruct_tokens // seq_len`` random windows
+    ``(N, seq_len)`` of the plain-text training data, drawn with their own generator seeded by ``seed`` (the job's
+    data order is not disturbed).
+
+    Raises:
+        DataError: the training text is shorter than ``cfg.seq_len``.
+    """
+    n = max(1, cfg.reconstruct_tokens // cfg.seq_len)
+    return pool.sample(n, cfg.seq_len, torch.Generator().manual_seed(seed))["input_ids"]
 
 
 class _Captured(Exception):
@@ -198,8 +216,9 @@ def _refit(
     targets: list[torch.Tensor],
     ridge: float,
     name: str,
-) -> tuple[float, float]:
-    """Refit ``module`` (inside the pruned ``layer``) to ``targets``; return its relative error before and after.
+) -> tuple[float, float, list[torch.Tensor]]:
+    """Refit ``module`` (inside the pruned ``layer``) to ``targets``; return its relative error before and after,
+    and its outputs after the refit (one ``(tokens, hidden)`` float32 tensor per batch).
 
     The normal equations are accumulated in float64 on the module's device: ``G = X^T X`` ``(k, k)``,
     ``C = X^T Y`` ``(k, hidden)`` (``k`` kept inputs, plus one for a bias)."""
@@ -209,12 +228,14 @@ def _refit(
     gram = torch.zeros(k + bias, k + bias, dtype=torch.float64, device=device)
     cross = torch.zeros(k + bias, w_eff.shape[0], dtype=torch.float64, device=device)
     y_sq = 0.0
+    xs: list[torch.Tensor] = []
     for (h, kw), y32 in zip(inputs, targets, strict=True):
         x, y = _run_capturing(layer, h, kw, module), y32.to(device, torch.float64)
         if y.shape[1] != w_eff.shape[0]:
             raise ValueError(f"{name}: dense output width {y.shape[1]} != pruned {w_eff.shape[0]}")
         if bias:
             x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype, device=device)], dim=1)
+        xs.append(x.float())
         gram += x.T @ x
         cross += x.T @ y
         y_sq += float((y * y).sum())
@@ -231,7 +252,8 @@ def _refit(
     base.weight.copy_((new[:, :k] - delta).to(dtype))
     if bias:
         base.bias.copy_(new[:, k].to(dtype))
-    return err(now), err(new)
+    w32 = new.float()
+    return err(now), err(new), [x @ w32.T for x in xs]
 
 
 def _layers(model: nn.Module, teacher: nn.Module, names: list[str]) -> list[tuple[nn.Module, nn.Module, list[str]]]:
@@ -250,6 +272,7 @@ def reconstruct(
     windows: torch.Tensor,
     *,
     ridge: float = 1.0,
+    target: str = "block",
     batch_size: int = 8,
     on_module: Callable[[int, int, str], None] | None = None,
 ) -> ReconstructionResult:
@@ -265,6 +288,9 @@ def reconstruct(
         structures: discovery result (names the output projections).
         windows: ``(N, T)`` calibration token ids.
         ridge: the ridge coefficient, a fraction (> 0) of the mean diagonal of ``X^T X``.
+        target: ``block``: each module's target is the dense module's output; ``stream``: the dense module's output
+            plus the gap between the dense and the pruned residual stream where the module adds to it, so each
+            module also cancels what earlier layers left (:data:`TARGETS`).
         batch_size: windows per forward pass.
         on_module: called ``(done, total, module name)`` after each module (progress, cancellation).
 
@@ -273,8 +299,10 @@ def reconstruct(
 
     Raises:
         ValueError: the teacher's module output does not have the pruned module's output width (the hidden
-            dimension was pruned, which this refit does not handle), or ``windows`` is empty.
+            dimension was pruned, which this refit does not handle), ``windows`` is empty, or ``target`` is unknown.
     """
+    if target not in TARGETS:
+        raise ValueError(f"unknown reconstruction target {target!r}; known: {', '.join(TARGETS)}")
     if windows.numel() == 0:
         raise ValueError("no calibration windows to reconstruct from")
     was_training = model.training
@@ -290,9 +318,15 @@ def reconstruct(
         dense_in = [_layer_inputs(teacher, first_t, ids) for ids in batches]
         done = 0
         for s_layer, t_layer, mods in layers:
+            drift = [
+                (t - s).reshape(-1, t.shape[-1]).float() for (t, _), (s, _) in zip(dense_in, student_in, strict=True)
+            ]
             dense_in, targets = _dense_layer(teacher, t_layer, mods, dense_in)
             for m in mods:
-                before, after = _refit(s_layer, _find(model, m), student_in, targets[m], ridge, m)
+                goal = targets[m] if target == "block" else [y + d for y, d in zip(targets[m], drift, strict=True)]
+                before, after, outs = _refit(s_layer, _find(model, m), student_in, goal, ridge, m)
+                # the residual stream's gap after this module: dense stream + dense output - (pruned + pruned output)
+                drift = [d + y - o for d, y, o in zip(drift, targets[m], outs, strict=True)]
                 result.modules.append(m)
                 result.error_before.append(before)
                 result.error_after.append(after)
@@ -305,4 +339,4 @@ def reconstruct(
     return result
 
 
-__all__ = ["ReconstructionResult", "output_projections", "reconstruct"]
+__all__ = ["ReconstructionResult", "output_projections", "reconstruct", "refit_windows"]

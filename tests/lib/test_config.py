@@ -79,6 +79,7 @@ def test_unknown_key_warns_and_is_ignored() -> None:
         ({"model": "m", "recovery": {"reconstruct": "yes"}}, "recovery.reconstruct"),
         ({"model": "m", "recovery": {"reconstruct_tokens": 64}}, "recovery.reconstruct_tokens"),
         ({"model": "m", "recovery": {"reconstruct_ridge": 0}}, "recovery.reconstruct_ridge"),
+        ({"model": "m", "recovery": {"reconstruct_target": "logits"}}, "recovery.reconstruct_target"),
         ({"model": "m", "recovery": {"reconstruct": True}, "structures": {"hidden": True}}, "recovery.reconstruct"),
     ],
 )

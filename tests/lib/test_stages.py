@@ -430,3 +430,52 @@ def test_recovery_reconstruct_in_a_job_is_reported_and_resumes_alike(tmp_path: P
     resumed = run_collect(spec, tmp_path / "out", tmp_path / "work")
     same_weights(tmp_path / "ref", tmp_path / "out")
     assert resumed.summary == ref.summary
+
+
+def test_reconstruct_stream_target_also_cancels_the_residual_gap() -> None:
+    """``recovery.reconstruct_target: stream``: layer 0's ``o_proj`` sees no gap yet (both streams start at the
+    same embeddings) and gets the block target's solution; layer 0's ``down_proj`` is fitted to its dense output
+    plus the gap the refitted ``o_proj`` left in the residual stream, ``(h + o)_dense - (h + o)_pruned``."""
+    import copy
+
+    from lorashear.recovery import reconstruct
+    from lorashear.recovery.reconstruct import _effective_weight, _find
+
+    spec = spec_of({"recovery": {"reconstruct": True}}, target_ratio=0.5)
+    job, st = _pruned_job(spec)
+    sliced, block = copy.deepcopy(job.model), copy.deepcopy(job.model)
+    windows = job.data.pool.sample(8, 64, torch.Generator().manual_seed(0))["input_ids"]
+    res = reconstruct(job.model, job.teacher, st, windows, ridge=0.05, target="stream", batch_size=4)
+    reconstruct(block, job.teacher, st, windows, ridge=0.05, target="block", batch_size=4)
+    o_name, down_name = res.modules[:2]
+    assert o_name.endswith("o_proj") and down_name.endswith("down_proj")
+    w_o = _effective_weight(_find(job.model, o_name))[0]
+    torch.testing.assert_close(w_o, _effective_weight(_find(block, o_name))[0])
+    assert all(a < b for a, b in zip(res.error_after, res.error_before, strict=True))
+
+    def grab(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        got: dict[str, torch.Tensor] = {}
+
+        def keep(key: str):
+            return lambda _m, a, o: got.update({f"{key}.in": a[0], f"{key}.out": o})
+
+        hooks = [_find(model, o_name).register_forward_hook(keep("o"))]
+        hooks.append(_find(model, down_name).register_forward_hook(keep("down")))
+        layer0 = _find(model, o_name.rsplit(".", 2)[0])
+        hooks.append(layer0.register_forward_hook(lambda _m, a, _o: got.update({"h": a[0]})))
+        model.eval()
+        with torch.no_grad():
+            model(input_ids=windows, use_cache=False)
+        for h in hooks:
+            h.remove()
+        return {k: v.reshape(-1, v.shape[-1]).double() for k, v in got.items()}
+
+    s, t = grab(job.model), grab(job.teacher)
+    torch.testing.assert_close(s["h"], t["h"])  # the same embeddings: no gap before layer 0
+    goal = t["down.out"] + (t["h"] + t["o.out"]) - (s["h"] + s["o.out"])
+    x = s["down.in"]
+    gram = x.T @ x
+    lam = 0.05 * float(gram.diagonal().mean())
+    w_before = _effective_weight(_find(sliced, down_name))[0]
+    want = torch.linalg.solve(gram + lam * torch.eye(len(gram), dtype=gram.dtype), x.T @ goal + lam * w_before.T).T
+    torch.testing.assert_close(_effective_weight(_find(job.model, down_name))[0], want, rtol=1e-4, atol=1e-5)
