@@ -471,6 +471,13 @@ ROWS: dict[str, Row] = {
             train=False,
         ),
         Row(
+            "oneshot-taylor-recon+lora",
+            "one_shot",
+            "oneshot-taylor-recon, then the same LoRA budget as oneshot-taylor+lora (102 steps)",
+            {"recovery": {"reconstruct": True, "reconstruct_target": "stream"}},
+            criterion="taylor",
+        ),
+        Row(
             "oneshot-taylor",
             "one_shot",
             "one-shot first-order Taylor groups with ours' per-layer allocation, no training",
