@@ -665,7 +665,12 @@ class RecoveryConfig(_Section):
         _check_ratio(f"{path}.ema", self.ema, high_open=True)
         if not isinstance(self.reconstruct, bool):
             raise _fail(f"{path}.reconstruct", f"expected true or false, got {self.reconstruct!r}")
-        _check_int(f"{path}.reconstruct_tokens", self.reconstruct_tokens, self.seq_len, MAX_TOKENS)
+        _check_int(f"{path}.reconstruct_tokens", self.reconstruct_tokens, 8, MAX_TOKENS)
+        if self.reconstruct_tokens < self.seq_len:
+            raise _fail(
+                f"{path}.reconstruct_tokens",
+                f"{self.reconstruct_tokens} tokens is less than one window of seq_len={self.seq_len}",
+            )
         _check_positive(f"{path}.reconstruct_ridge", self.reconstruct_ridge)
         _check_choice(f"{path}.reconstruct_target", self.reconstruct_target, RECONSTRUCT_TARGETS)
 
