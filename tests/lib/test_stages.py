@@ -17,7 +17,17 @@ from lorashear.events import STAGES
 from lorashear.pipeline import run
 from lorashear.resolve import BUNDLED_DATA_ROOT, BUNDLED_MODEL_ROOT, Roots
 
-from .test_pipeline import spec_of
+from .test_pipeline import run_collect, same_weights, spec_of
+
+
+def assert_resumes_alike(spec, tmp_path: Path, summary: dict, *, cancel_at: tuple[str, int]) -> None:
+    """A run of ``spec`` cancelled at ``cancel_at`` (stage, step) resumes to the weights in ``tmp_path / "ref"``
+    and to ``summary``."""
+    with pytest.raises(Cancelled):
+        run_collect(spec, tmp_path / "out", tmp_path / "work", cancel_at=cancel_at)
+    resumed = run_collect(spec, tmp_path / "out", tmp_path / "work")
+    same_weights(tmp_path / "ref", tmp_path / "out")
+    assert resumed.summary == summary
 
 
 def test_single_stages_from_python() -> None:
@@ -214,7 +224,6 @@ def test_distillation_from_the_dense_model_runs_and_resumes_alike(tmp_path: Path
 def test_recovery_lr_schedule_decays_and_resumes_alike(tmp_path: Path) -> None:
     """``recovery.lr_schedule`` / ``warmup_steps`` (issue 9): one schedule over both stages, reported per step as
     ``recovery/lr``; stateless, so a run cancelled inside recovery resumes to the same weights."""
-    from .test_pipeline import run_collect, same_weights
 
     spec = spec_of({"recovery": {"lr_schedule": "cosine", "warmup_steps": 1, "lr": 1e-3}})
     lrs: list[float] = []
@@ -228,29 +237,20 @@ def test_recovery_lr_schedule_decays_and_resumes_alike(tmp_path: Path) -> None:
     assert lrs[0] == pytest.approx(0.5e-3)  # warm-up step 1 of 1
     assert all(a > b for a, b in zip(lrs[1:], lrs[2:], strict=False))  # cosine decay after the warm-up
     assert 0 < lrs[-1] < 0.1e-3
-    with pytest.raises(Cancelled):
-        run_collect(spec, tmp_path / "out", tmp_path / "work", cancel_at=("recover", 4))
-    resumed = run_collect(spec, tmp_path / "out", tmp_path / "work")
-    same_weights(tmp_path / "ref", tmp_path / "out")
-    assert resumed.summary == ref.summary
+    assert_resumes_alike(spec, tmp_path, ref.summary, cancel_at=("recover", 4))
 
 
 def test_lhspg_instruct_share_changes_the_pruning_and_resumes_alike(tmp_path: Path) -> None:
     """``lhspg.instruct_share`` (issue 9): LHSPG trains, and accumulates Taylor importance, on instruction records
     too; the run stays exact, differs from the plain-pool run, and a run cancelled inside LHSPG resumes to the same
     weights (the batch source draws from the checkpointed generator)."""
-    from .test_pipeline import run_collect, same_weights
 
     spec = spec_of({"lhspg": {"instruct_share": 0.5}})
     ref = run(spec, tmp_path / "ref", roots=Roots(), work_dir=tmp_path / "wref")
     plain = run(spec_of(), tmp_path / "plain", roots=Roots(), work_dir=tmp_path / "wplain")
     assert ref.summary["max_abs_logit_diff"] < 1e-4
     assert ref.summary["ppl_pruned"] != plain.summary["ppl_pruned"]
-    with pytest.raises(Cancelled):
-        run_collect(spec, tmp_path / "out", tmp_path / "work", cancel_at=("prune", 5))
-    resumed = run_collect(spec, tmp_path / "out", tmp_path / "work")
-    same_weights(tmp_path / "ref", tmp_path / "out")
-    assert resumed.summary == ref.summary
+    assert_resumes_alike(spec, tmp_path, ref.summary, cancel_at=("prune", 5))
 
 
 def test_lora_train_norms_tunes_the_norms_exports_them_and_resumes_alike(tmp_path: Path) -> None:
@@ -261,8 +261,6 @@ def test_lora_train_norms_tunes_the_norms_exports_them_and_resumes_alike(tmp_pat
     from safetensors.torch import load_file
 
     from lorashear.training import norm_parameter_names
-
-    from .test_pipeline import run_collect, same_weights
 
     dense = load_file(str(BUNDLED_MODEL_ROOT / "stories260K" / "model.safetensors"))
     norms = [k for k in dense if k.endswith("norm.weight")]
@@ -282,11 +280,7 @@ def test_lora_train_norms_tunes_the_norms_exports_them_and_resumes_alike(tmp_pat
     base = load_file(str(tmp_path / "split" / "model" / "model.safetensors"))
     assert all(torch.allclose(base[k], tuned[k], atol=1e-6) for k in norms)  # the tuned norms sit in the base
 
-    with pytest.raises(Cancelled):
-        run_collect(spec, tmp_path / "out", tmp_path / "work", cancel_at=("recover", 4))
-    resumed = run_collect(spec, tmp_path / "out", tmp_path / "work")
-    same_weights(tmp_path / "ref", tmp_path / "out")
-    assert resumed.summary == ref.summary
+    assert_resumes_alike(spec, tmp_path, ref.summary, cancel_at=("recover", 4))
 
     import lorashear
 
@@ -303,8 +297,6 @@ def test_recovery_ema_ends_on_the_average_of_the_trajectory_and_resumes_alike(tm
     import lorashear
     from lorashear.config import RecoveryConfig
     from lorashear.events import Hooks
-
-    from .test_pipeline import run_collect, same_weights
 
     job = lorashear.load(spec_of())
     params = [p for p in job.model.parameters() if p.requires_grad]
@@ -331,11 +323,7 @@ def test_recovery_ema_ends_on_the_average_of_the_trajectory_and_resumes_alike(tm
     assert ref.summary["max_abs_logit_diff"] < 1e-4
     assert ref.summary["ppl_recovered"] != plain.summary["ppl_recovered"]
     assert ref.summary["ppl_pruned"] == plain.summary["ppl_pruned"]  # only recovery changes
-    with pytest.raises(Cancelled):
-        run_collect(spec, tmp_path / "out", tmp_path / "work", cancel_at=("recover", 4))
-    resumed = run_collect(spec, tmp_path / "out", tmp_path / "work")
-    same_weights(tmp_path / "ref", tmp_path / "out")
-    assert resumed.summary == ref.summary
+    assert_resumes_alike(spec, tmp_path, ref.summary, cancel_at=("recover", 4))
 
 
 def _pruned_job(spec):
@@ -413,7 +401,6 @@ def test_recovery_reconstruct_in_a_job_is_reported_and_resumes_alike(tmp_path: P
     """A job with ``recovery.reconstruct`` stays exact, reports the refit (errors fall), changes only what comes
     after slicing, and a run cancelled inside the fine-tuning resumes to the same weights (the refit is not redone
     on refitted weights)."""
-    from .test_pipeline import run_collect, same_weights
 
     spec = spec_of({"recovery": {"reconstruct": True, "reconstruct_tokens": 512}})
     ref = run(spec, tmp_path / "ref", roots=Roots(), work_dir=tmp_path / "wref")
@@ -425,11 +412,7 @@ def test_recovery_reconstruct_in_a_job_is_reported_and_resumes_alike(tmp_path: P
     assert plain.report["reconstruction"] is None
     assert ref.summary["ppl_pruned"] == plain.summary["ppl_pruned"]  # measured before the refit
     assert ref.summary["ppl_recovered"] != plain.summary["ppl_recovered"]
-    with pytest.raises(Cancelled):
-        run_collect(spec, tmp_path / "out", tmp_path / "work", cancel_at=("recover", 2))
-    resumed = run_collect(spec, tmp_path / "out", tmp_path / "work")
-    same_weights(tmp_path / "ref", tmp_path / "out")
-    assert resumed.summary == ref.summary
+    assert_resumes_alike(spec, tmp_path, ref.summary, cancel_at=("recover", 2))
 
 
 def test_reconstruct_stream_target_also_cancels_the_residual_gap() -> None:
