@@ -142,7 +142,7 @@ class _Composer:
 
     def stage_recover(self, loop: LoopState | None) -> None:
         r, data = self.spec.recovery, self.job.data
-        if r.reconstruct and loop is None and self.state.reconstruction is None:
+        if r.reconstruct and self.state.reconstruction is None:  # a resumed recovery has it already
             self._reconstruct()
         stages = recovery_stages(data.train, data.instruct, r)
         args = (self.job.model, stages, self.state.reference_losses, r, self.gen)

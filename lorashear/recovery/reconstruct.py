@@ -145,46 +145,41 @@ def _first(out: Any) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
-def _layer_inputs(model: nn.Module, layer: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Run ``model`` on ``ids`` ``(B, T)`` up to ``layer``; return the hidden states ``(B, T, hidden)`` it receives
-    and the keyword arguments it is called with (position embeddings, mask)."""
-    got: list[tuple[torch.Tensor, dict[str, Any]]] = []
+def _called_with(module: nn.Module, run: Callable[[], Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Call ``run()`` until ``module`` is entered; return the ``(args, kwargs)`` it was entered with (the rest of
+    the forward pass is skipped)."""
+    got: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
 
     def hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        got.append((hidden.detach(), {k: v for k, v in kwargs.items() if k != "hidden_states"}))
+        got.append((args, kwargs))
         raise _Captured
 
-    handle = layer.register_forward_pre_hook(hook, with_kwargs=True)
+    handle = module.register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        model(input_ids=ids.to(next(model.parameters()).device), use_cache=False)
+        run()
     except _Captured:
         pass
     finally:
         handle.remove()
     if not got:
-        raise RuntimeError("the first decoder layer did not run in the forward pass")
+        raise RuntimeError("the module did not run in the forward pass")
     return got[0]
+
+
+def _layer_inputs(model: nn.Module, layer: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Run ``model`` on ``ids`` ``(B, T)`` up to ``layer``; return the hidden states ``(B, T, hidden)`` it receives
+    and the keyword arguments it is called with (position embeddings, mask)."""
+    device = next(model.parameters()).device
+    args, kwargs = _called_with(layer, lambda: model(input_ids=ids.to(device), use_cache=False))
+    kwargs = dict(kwargs)
+    hidden = args[0] if args else kwargs.pop("hidden_states")
+    return hidden.detach(), kwargs
 
 
 def _run_capturing(layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any], module: nn.Module) -> torch.Tensor:
     """Run ``layer`` until ``module`` runs; return ``module``'s input as ``(tokens, features)`` float64."""
-    got: list[torch.Tensor] = []
-
-    def hook(_m: nn.Module, args: tuple[Any, ...]) -> None:
-        got.append(args[0].detach().reshape(-1, args[0].shape[-1]).double())
-        raise _Captured
-
-    handle = module.register_forward_pre_hook(hook)
-    try:
-        layer(hidden, **kwargs)
-    except _Captured:
-        pass
-    finally:
-        handle.remove()
-    if not got:
-        raise RuntimeError("the module did not run in its decoder layer")
-    return got[0]
+    x = _called_with(module, lambda: layer(hidden, **kwargs))[0][0]
+    return x.detach().reshape(-1, x.shape[-1]).double()
 
 
 def _dense_layer(
