@@ -157,6 +157,9 @@ rate scaled by the square root of the batch (1e-3 at 4 -> 5e-4 at 1): more updat
 ``-b1`` rows)."""
 B1: dict[str, Any] = merge({"lora": {"rank": 32, "alpha": 64}}, SMALL_BATCH)
 """``lorashear-r32`` with :data:`SMALL_BATCH`."""
+B1_TAYLORPROBE: dict[str, Any] = merge(B1, {"analysis": {"probe": "taylor"}})
+""":data:`B1` whose layer map probes ablate the lowest-Taylor groups: the two 20% levers with the highest avg5 on their
+own (``lorashear-r32-b1``, ``lorashear-r32-taylorprobe``) together."""
 B1_EMA: dict[str, Any] = merge(B1, {"recovery": {"ema": 0.98}})
 """:data:`B1` whose recovery ends on an exponential moving average of the LoRA weights (about its last 50 steps)."""
 
@@ -431,6 +434,19 @@ ROWS: dict[str, Row] = {
             "lorashear",
             "lorashear-r32-b1 with seed 1 (LoRA init and data order)",
             merge(B1, {"seed": 1}),
+        ),
+        Row(
+            "lorashear-r32-b1-taylorprobe",
+            "lorashear",
+            "lorashear-r32-b1 whose layer map probes ablate the lowest-Taylor groups (analysis.probe taylor): the "
+            "two single 20% levers that scored highest, together",
+            B1_TAYLORPROBE,
+        ),
+        Row(
+            "lorashear-r32-b1-taylorprobe-seed1",
+            "lorashear",
+            "lorashear-r32-b1-taylorprobe with seed 1 (LoRA init and data order)",
+            merge(B1_TAYLORPROBE, {"seed": 1}),
         ),
         Row(
             "lorashear-r32-b1-ema",
