@@ -133,7 +133,7 @@ def print_evaluation_tables(report: dict[str, Any], out: Any = None) -> None:
         proto = zs["protocol"]
         head = f"lm-eval {proto.get('lm_eval_version', '?')}, 0-shot, limit {proto.get('limit')} per task"
         print(f"\nzero-shot accuracy ({head})", file=out)
-        print(zeroshot_table({"dense": zs["dense"], "final": zs["final"]}), file=out)
+        print(zeroshot_table({"dense": zs["dense"], "final": zs["final"]}, zs.get("paired")), file=out)
     if sp:
         proto = sp["protocol"]
         head = f"{proto.get('device')}, {proto.get('dtype')}, prompt {proto.get('prompt_len')} + "

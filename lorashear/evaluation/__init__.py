@@ -24,6 +24,8 @@ _LAZY = {
     "run_zeroshot": "lorashear.evaluation.zeroshot",
     "zeroshot_section": "lorashear.evaluation.zeroshot",
     "zeroshot_metrics": "lorashear.evaluation.zeroshot",
+    "paired_change": "lorashear.evaluation.zeroshot",
+    "paired_section": "lorashear.evaluation.zeroshot",
     "SpeedResult": "lorashear.evaluation.speed",
     "measure_speed": "lorashear.evaluation.speed",
     "measure_speed_pair": "lorashear.evaluation.speed",

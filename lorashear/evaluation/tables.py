@@ -11,12 +11,15 @@ def _f(value: Any, digits: int = 4) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def zeroshot_table(columns: dict[str, dict[str, Any]]) -> str:
+def zeroshot_table(columns: dict[str, dict[str, Any]], paired: dict[str, Any] | None = None) -> str:
     """Per-task acc / acc_norm / n of one or more models side by side, then the averages and the protocol.
 
     Args:
         columns: ``{column name: ZeroShotResult.to_dict()}``, e.g. ``{"dense": ..., "final": ...}``; the tasks of
             the first column set the rows.
+        paired: the change from the first column to the last on the same documents
+            (:func:`lorashear.evaluation.zeroshot.paired_section`, a report's ``zeroshot.paired``): printed as
+            points with their paired standard error, or nothing when ``None``.
     """
     if not columns:
         return "zero-shot: no results"
@@ -34,6 +37,17 @@ def zeroshot_table(columns: dict[str, dict[str, Any]]) -> str:
     for key, label in (("avg", "avg"), ("avg_acc", "avg acc"), ("avg5", "avg5")):
         if any(columns[n].get(key) is not None for n in names):
             lines.append(f"{label:<18}" + "".join(f" | {_f(columns[n].get(key)):>12} {'':>8}" for n in names))
+    if paired:
+        key = "avg5" if paired.get("avg5") is not None else "avg"
+        per_task = ", ".join(
+            f"{first['tasks'][t]['label']} {100 * c['change']:+.1f} ± {100 * c['se']:.1f}"
+            for t, c in paired["tasks"].items()
+            if t in first["tasks"]
+        )
+        lines.append(
+            f"change {names[0]} -> {names[-1]} on the same documents (points ± paired standard error): "
+            f"{key} {100 * paired[key]:+.1f} ± {100 * paired[key + '_se']:.1f}; {per_task}"
+        )
     p = first.get("protocol", {})
     lines.append(
         f"lm-eval {p.get('lm_eval_version')}, {p.get('num_fewshot', 0)}-shot, limit {p.get('limit')} per task, "

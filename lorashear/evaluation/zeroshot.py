@@ -51,6 +51,9 @@ class TaskScore:
             ``None`` for tasks where lm-eval does not report it (BoolQ, WinoGrande). acc_norm_stderr likewise.
         n: documents scored.
         headline: the metric used in ``avg`` for this task (``acc`` or ``acc_norm``).
+        outcomes: the headline metric of each document in file order, ``"1"`` right and ``"0"`` wrong
+            (``n`` characters; lm-eval's per-sample log), so two models scored on the same documents compare
+            pairwise (:func:`paired_change`); ``""`` in results recorded before it was kept.
     """
 
     task: str
@@ -61,6 +64,7 @@ class TaskScore:
     acc_norm_stderr: float | None
     n: int
     headline: str
+    outcomes: str = ""
 
     @property
     def score(self) -> float:
@@ -80,6 +84,7 @@ class TaskScore:
             "n": self.n,
             "headline": self.headline,
             "score": self.score,
+            "outcomes": self.outcomes,
         }
 
 
@@ -176,7 +181,93 @@ def scores_from_results(results: dict[str, Any], task: str) -> TaskScore:
         acc_norm_stderr=metric("acc_norm_stderr") if "acc_norm" in td.metrics else None,
         n=int(n) if n is not None else 0,
         headline=td.headline,
+        outcomes=_outcomes(results, task) if results.get("samples") else "",
     )
+
+
+def _outcomes(results: dict[str, Any], task: str) -> str:
+    """The headline metric per document from lm-eval's logged samples, in document order (see
+    :attr:`TaskScore.outcomes`).
+
+    Raises:
+        RuntimeError: lm-eval logged no samples for the task or a value other than 0 / 1.
+    """
+    td = TASKS[task]
+    samples = (results.get("samples") or {}).get(td.lm_eval_name)
+    if not samples:
+        raise RuntimeError(f"lm-eval logged no samples for {td.lm_eval_name}")
+    out = []
+    for sample in sorted(samples, key=lambda x: int(x["doc_id"])):
+        value = float(sample[td.headline])
+        if value not in (0.0, 1.0):
+            raise RuntimeError(f"{td.lm_eval_name} doc {sample['doc_id']}: {td.headline} {value!r} is not 0 or 1")
+        out.append("1" if value else "0")
+    return "".join(out)
+
+
+def paired_change(before: str, after: str) -> dict[str, float | int]:
+    """Change of accuracy from one model to another on the same documents, with the paired standard error.
+
+    Two models scored on the same documents are mostly right and wrong together, so the standard error of the
+    difference of their per-document outcomes is well below what two independent accuracies would give: it is
+    what tells a real change from the noise of ``n`` documents.
+
+    Args:
+        before, after: :attr:`TaskScore.outcomes` of the two models on the same task and documents.
+
+    Returns:
+        ``{"change": accuracy after - before (fraction, -1..1), "se": std(d) / sqrt(n) of the per-document
+        differences d in {-1, 0, 1} (0 when n < 2), "n", "gained": documents only ``after`` gets right, "lost":
+        documents only ``before`` gets right}``.
+
+    Raises:
+        ValueError: empty outcomes, different lengths, or characters other than ``0`` / ``1``.
+    """
+    if not before or len(before) != len(after) or set(before + after) - {"0", "1"}:
+        raise ValueError(
+            f"per-document outcomes must be equal-length strings of 0/1, got lengths {len(before)} and {len(after)}"
+        )
+    n = len(before)
+    d = [int(a) - int(b) for a, b in zip(after, before, strict=True)]
+    mean = sum(d) / n
+    var = sum((x - mean) ** 2 for x in d) / (n - 1) if n > 1 else 0.0
+    return {
+        "change": mean,
+        "se": (var / n) ** 0.5,
+        "n": n,
+        "gained": sum(1 for x in d if x > 0),
+        "lost": sum(1 for x in d if x < 0),
+    }
+
+
+def paired_section(before: ZeroShotResult, after: ZeroShotResult) -> dict[str, Any] | None:
+    """Per-task :func:`paired_change` from ``before`` to ``after`` and the change of ``avg`` / ``avg5`` with its
+    standard error (the tasks' errors combined as independent: ``sqrt(sum se_t**2) / tasks``).
+
+    Returns:
+        ``{"tasks": {task: paired_change}, "avg": change, "avg_se", "avg5": change or None, "avg5_se"}``
+        (fractions), or ``None`` when a shared task lacks per-document outcomes in either result or was scored
+        on a different number of documents (results recorded before outcomes were kept).
+    """
+    shared = [t for t in before.tasks if t in after.tasks]
+    if not shared:
+        return None
+    tasks: dict[str, dict[str, float | int]] = {}
+    for t in shared:
+        b, a = before.tasks[t].outcomes, after.tasks[t].outcomes
+        if not b or len(b) != len(a):
+            return None
+        tasks[t] = paired_change(b, a)
+
+    def combined(names: list[str]) -> tuple[float, float]:
+        change = sum(float(tasks[t]["change"]) for t in names) / len(names)
+        se = sum(float(tasks[t]["se"]) ** 2 for t in names) ** 0.5 / len(names)
+        return change, se
+
+    avg, avg_se = combined(shared)
+    five = [t for t in AVG5_TASKS if t in tasks]
+    avg5, avg5_se = combined(five) if len(five) == len(AVG5_TASKS) else (None, None)
+    return {"tasks": tasks, "avg": avg, "avg_se": avg_se, "avg5": avg5, "avg5_se": avg5_se}
 
 
 def summarize(scores: dict[str, TaskScore]) -> tuple[float, float, float | None]:
@@ -283,7 +374,7 @@ def run_zeroshot(
                         lm=lm,
                         task_dict=manager.load([task_config(task, docs=docs[task])]),
                         limit=cfg.limit,
-                        log_samples=False,
+                        log_samples=True,  # per-document outcomes, for paired comparisons
                         verbosity="ERROR",
                     )
                 if out is None:  # only on non-zero ranks of a distributed run, which this never is
@@ -321,6 +412,8 @@ def zeroshot_section(dense: ZeroShotResult, final: ZeroShotResult) -> dict[str, 
 
     Returns:
         ``{"dense": ZeroShotResult dict, "final": ..., "delta": {task: final score - dense score}, "avg_delta",
+        "paired": the same changes per document with their paired standard errors (:func:`paired_section`; None
+        for results without per-document outcomes),
         "protocol": the settings both were scored with}``; scores are the tasks' headline metrics, fractions 0-1.
 
     Raises:
@@ -336,6 +429,7 @@ def zeroshot_section(dense: ZeroShotResult, final: ZeroShotResult) -> dict[str, 
         "final": final.to_dict(),
         "delta": delta,
         "avg_delta": final.avg - dense.avg,
+        "paired": paired_section(dense, final),
         "protocol": {k: final.protocol[k] for k in final.protocol if k != "seconds"},
     }
 

@@ -85,6 +85,12 @@ def test_cli_end_to_end_on_bundled_model(tmp_path: Path) -> None:
     assert set(zs["dense"]["tasks"]) == set(zs["final"]["tasks"]) >= {"piqa", "arc_easy", "winogrande"}
     assert all(t["n"] == 20 and 0 <= t["acc"] <= 1 for t in zs["final"]["tasks"].values())
     assert zs["protocol"]["lm_eval_version"].startswith("0.4") and zs["protocol"]["limit"] == 20
+    for side in ("dense", "final"):  # per-document outcomes agree with lm-eval's aggregate scores
+        for t in zs[side]["tasks"].values():
+            assert len(t["outcomes"]) == 20 and t["outcomes"].count("1") / 20 == pytest.approx(t["score"])
+    paired = zs["paired"]  # the change on the same documents is the change of the scores
+    assert paired["avg"] == pytest.approx(zs["final"]["avg"] - zs["dense"]["avg"]) and paired["avg_se"] >= 0
+    assert "paired standard error" in proc.stdout
     assert [r["batch"] for r in sp["comparison"]["rows"]] == [1, 8]
     assert sp["comparison"]["ideal"]["params"] > 1.2 and sp["dense"]["rows"][0]["decode_tokens_per_s"] > 0
     assert s["zeroshot_avg_final"] == zs["final"]["avg"] and s["decode_speedup_b1"] > 0

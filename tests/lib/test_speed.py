@@ -136,3 +136,6 @@ def test_zeroshot_table_from_dicts() -> None:
     text = zeroshot_table({"dense": res, "final": worse})
     assert "PIQA" in text and "0.5000" in text and "0.2500" in text and "lm-eval 0.4.13" in text and "z/p" in text
     assert not any(line.startswith("avg5") for line in text.splitlines())  # not all five tasks were scored
+    paired = {"tasks": {"piqa": {"change": -0.25, "se": 0.1, "n": 20}}, "avg": -0.25, "avg_se": 0.1, "avg5": None}
+    line = zeroshot_table({"dense": res, "final": worse}, paired).splitlines()[-3]
+    assert line.startswith("change dense -> final") and "avg -25.0 ± 10.0" in line and "PIQA -25.0 ± 10.0" in line

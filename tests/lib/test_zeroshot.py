@@ -69,13 +69,15 @@ def test_equals_stock_hflm_on_the_bundled_model(stories, tmp_path, monkeypatch) 
         task_manager=TaskManager(include_path=str(LM_TASK_DIR), include_defaults=False),
         limit=16,
         batch_size=8,
-        log_samples=False,
+        log_samples=True,
     )
     assert stock is not None
     for t in tasks:
         row = stock["results"][TASKS[t].lm_eval_name]
         mine = ours.tasks[t]
         assert mine.n == stock["n-samples"][TASKS[t].lm_eval_name]["effective"] == 16
+        logged = sorted(stock["samples"][TASKS[t].lm_eval_name], key=lambda x: x["doc_id"])
+        assert mine.outcomes == "".join(str(int(x[mine.headline])) for x in logged), t  # per document, in order
         assert mine.acc == row["acc,none"], t
         assert mine.acc_stderr == pytest.approx(row["acc_stderr,none"]), t
         if "acc_norm" in TASKS[t].metrics:
@@ -113,6 +115,8 @@ def test_peft_wrapped_model_scores_like_the_plain_model(stories) -> None:
 
     section = zeroshot_section(plain, wrapped)  # the report's shape: dense, final, delta, shared protocol
     assert section["delta"] == {"piqa": 0.0, "openbookqa": 0.0} and section["avg_delta"] == 0.0
+    assert section["paired"]["avg"] == 0.0 and section["paired"]["avg_se"] == 0.0  # the same answers, doc by doc
+    assert section["paired"]["tasks"]["piqa"] == {"change": 0.0, "se": 0.0, "n": 8, "gained": 0, "lost": 0}
     assert section["protocol"]["limit"] == 8 and "seconds" not in section["protocol"]
     json.dumps(section)
     metrics = zeroshot_metrics(wrapped, "zeroshot/final")
@@ -355,3 +359,48 @@ def test_cli_eval_on_a_saved_model_directory_and_a_task_dir(tmp_path, capsys) ->
     row = out["zeroshot"]["tasks"]["arc_challenge"]
     assert row["n"] == 6
     assert out["zeroshot"]["protocol"]["tasks"]["arc_challenge"]["file"] == "tasks/arc_challenge.jsonl"
+
+
+def test_paired_change_counts_documents_and_its_error_is_the_paired_one() -> None:
+    """The paired change of two models on the same documents: gained / lost counts, the mean difference, and the
+    standard error of the per-document differences (hand-computed), which is below the unpaired one when the
+    models agree on most documents; results without outcomes (recorded before they were kept) give None."""
+    from lorashear.evaluation.zeroshot import TaskScore, ZeroShotResult, paired_change, paired_section
+
+    before, after = "1100110011" * 2, "1100110010" * 2  # 20 documents; `after` loses 2 of them
+    c = paired_change(before, after)
+    assert (c["n"], c["gained"], c["lost"]) == (20, 0, 2) and c["change"] == pytest.approx(-0.1)
+    d = [-1 if i % 10 == 9 else 0 for i in range(20)]
+    var = sum((x + 0.1) ** 2 for x in d) / 19
+    assert c["se"] == pytest.approx(math.sqrt(var / 20))
+    p1, p2 = before.count("1") / 20, after.count("1") / 20
+    assert c["se"] < math.sqrt(p1 * (1 - p1) / 20 + p2 * (1 - p2) / 20)  # agreeing models: a tighter error
+    for bad in (("", ""), ("01", "011"), ("01", "0x")):
+        with pytest.raises(ValueError, match="0/1"):
+            paired_change(*bad)
+
+    def result(outcomes: dict[str, str]) -> ZeroShotResult:
+        tasks = {
+            t: TaskScore(t, t, o.count("1") / max(len(o), 1), None, None, None, len(o), "acc", o)
+            for t, o in outcomes.items()
+        }
+        return ZeroShotResult(tasks, 0.0, 0.0, None)
+
+    names = ["arc_easy", "arc_challenge", "openbookqa", "piqa", "winogrande"]
+    sec = paired_section(result(dict.fromkeys(names, before)), result(dict.fromkeys(names, after)))
+    assert sec is not None and sec["avg5"] == pytest.approx(-0.1)
+    assert sec["avg5_se"] == pytest.approx(math.sqrt(5 * c["se"] ** 2) / 5)  # five independent tasks
+    assert paired_section(result({"piqa": before}), result({"piqa": ""})) is None
+    assert paired_section(result({"piqa": before}), result({"piqa": before[:10]})) is None
+    assert paired_section(result({"piqa": before}), result({"piqa": after}))["avg5"] is None
+    old = ZeroShotResult.from_dict(  # a checkpoint written before outcomes were kept still loads
+        {
+            "tasks": {
+                "piqa": {k: v for k, v in result({"piqa": before}).tasks["piqa"].to_dict().items() if k != "outcomes"}
+            },
+            "avg": 0.0,
+            "avg_acc": 0.0,
+            "avg5": None,
+        }
+    )
+    assert old.tasks["piqa"].outcomes == ""

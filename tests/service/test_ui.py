@@ -131,6 +131,7 @@ def test_dashboard_submit_watch_and_inspect_a_job(page) -> None:
 
     until("the job to succeed", lambda: _text(page, "#job-status") == "succeeded", 600)
     page.wait_for_selector("#zeroshot")
+    assert "paired standard error" in page.text_content("#zeroshot-paired")
     page.wait_for_selector("#speed")
     assert page.locator("#heatmap rect.cell").count() == 2 * 5  # attention and MLP of stories260K's 5 layers
     assert page.locator("#losses path.series").count() == 2  # LHSPG and recovery
