@@ -886,9 +886,9 @@ unpruned model and one-shot Taylor with the same LoRA budget (the issue's equal-
 
 def paired_avg5(before: dict[str, Any], after: dict[str, Any]) -> tuple[float, float] | None:
     """avg5 change from row ``before`` to row ``after`` on the same documents and its paired standard error, in
-    points (:func:`lorashear.evaluation.zeroshot.paired_change` per task, combined over the five tasks as
-    independent); ``None`` unless both rows stored per-document outcomes of all five tasks."""
-    from lorashear.evaluation.zeroshot import paired_change
+    points (``paired_change`` per task, ``combine_changes`` over the five, both from
+    :mod:`lorashear.evaluation.zeroshot`); ``None`` unless both rows stored per-document outcomes of all five tasks."""
+    from lorashear.evaluation.zeroshot import combine_changes, paired_change
 
     changes = []
     for task in AVG5:
@@ -897,8 +897,7 @@ def paired_avg5(before: dict[str, Any], after: dict[str, Any]) -> tuple[float, f
         if not a or not b or len(a) != len(b):
             return None
         changes.append(paired_change(b, a))
-    change = sum(float(c["change"]) for c in changes) / len(changes)
-    se = sum(float(c["se"]) ** 2 for c in changes) ** 0.5 / len(changes)
+    change, se = combine_changes(changes)
     return 100 * change, 100 * se
 
 

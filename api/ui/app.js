@@ -422,8 +422,9 @@ async function drawResults(job, tables, arts, drawHeat, drawWidths, msg) {
           el("tbody", {}, ...tasks.map((t) => el("tr", {}, el("td", {}, zs.final.tasks[t].label || t), el("td", { class: "num" }, zs.final.tasks[t].n),
             el("td", { class: "num" }, fmt((zs.dense.tasks[t] || {}).score, 3)), el("td", { class: "num" }, fmt(zs.final.tasks[t].score, 3)))),
           el("tr", {}, el("td", {}, "avg5"), el("td", {}), el("td", { class: "num" }, fmt(zs.dense.avg5, 3)), el("td", { class: "num" }, fmt(zs.final.avg5, 3))))));
-        const pd = zs.paired, key = pd && (pd.avg5 != null ? "avg5" : "avg");
+        const pd = zs.paired;
         if (pd) { // the change on the same documents, with its paired standard error (points)
+          const key = pd.avg5 != null ? "avg5" : "avg";
           rows.push(el("p", { id: "zeroshot-paired" }, `Change on the same documents: ${key} ${(100 * pd[key]).toFixed(1)} ± ${(100 * pd[key + "_se"]).toFixed(1)} points (paired standard error).`));
         }
       }

@@ -26,6 +26,7 @@ _LAZY = {
     "zeroshot_metrics": "lorashear.evaluation.zeroshot",
     "paired_change": "lorashear.evaluation.zeroshot",
     "paired_section": "lorashear.evaluation.zeroshot",
+    "combine_changes": "lorashear.evaluation.zeroshot",
     "SpeedResult": "lorashear.evaluation.speed",
     "measure_speed": "lorashear.evaluation.speed",
     "measure_speed_pair": "lorashear.evaluation.speed",

@@ -240,9 +240,23 @@ def paired_change(before: str, after: str) -> dict[str, float | int]:
     }
 
 
+def combine_changes(changes: list[dict[str, Any]]) -> tuple[float, float]:
+    """Mean of several tasks' :func:`paired_change` and its standard error, the tasks' errors combined as
+    independent (``sqrt(sum se_t**2) / tasks``): the paired change of an average such as avg5 (fractions).
+
+    Raises:
+        ValueError: no changes to combine.
+    """
+    if not changes:
+        raise ValueError("no per-task changes to combine")
+    change = sum(float(c["change"]) for c in changes) / len(changes)
+    se = sum(float(c["se"]) ** 2 for c in changes) ** 0.5 / len(changes)
+    return change, se
+
+
 def paired_section(before: ZeroShotResult, after: ZeroShotResult) -> dict[str, Any] | None:
     """Per-task :func:`paired_change` from ``before`` to ``after`` and the change of ``avg`` / ``avg5`` with its
-    standard error (the tasks' errors combined as independent: ``sqrt(sum se_t**2) / tasks``).
+    standard error (:func:`combine_changes`).
 
     Returns:
         ``{"tasks": {task: paired_change}, "avg": change, "avg_se", "avg5": change or None, "avg5_se"}``
@@ -258,15 +272,9 @@ def paired_section(before: ZeroShotResult, after: ZeroShotResult) -> dict[str, A
         if not b or len(b) != len(a):
             return None
         tasks[t] = paired_change(b, a)
-
-    def combined(names: list[str]) -> tuple[float, float]:
-        change = sum(float(tasks[t]["change"]) for t in names) / len(names)
-        se = sum(float(tasks[t]["se"]) ** 2 for t in names) ** 0.5 / len(names)
-        return change, se
-
-    avg, avg_se = combined(shared)
-    five = [t for t in AVG5_TASKS if t in tasks]
-    avg5, avg5_se = combined(five) if len(five) == len(AVG5_TASKS) else (None, None)
+    avg, avg_se = combine_changes(list(tasks.values()))
+    five = [tasks[t] for t in AVG5_TASKS if t in tasks]
+    avg5, avg5_se = combine_changes(five) if len(five) == len(AVG5_TASKS) else (None, None)
     return {"tasks": tasks, "avg": avg, "avg_se": avg_se, "avg5": avg5, "avg5_se": avg5_se}
 
 
