@@ -449,6 +449,19 @@ ROWS: dict[str, Row] = {
             merge(B1_TAYLORPROBE, {"seed": 1}),
         ),
         Row(
+            "lorashear-r32-b1-taylorprobe-seed2",
+            "lorashear",
+            "lorashear-r32-b1-taylorprobe with seed 2 (LoRA init and data order): a third seed",
+            merge(B1_TAYLORPROBE, {"seed": 2}),
+        ),
+        Row(
+            "lorashear-r32-taylorprobe-abl75-b1",
+            "lorashear",
+            "lorashear-r32-taylorprobe-abl75 with batches of 1 x 256 tokens and four times the steps (408, the same "
+            "104,448 tokens) at learning rate 5e-4: the -b1 recipe at 50%",
+            merge(ABL75, SMALL_BATCH),
+        ),
+        Row(
             "lorashear-r32-b1-ema",
             "lorashear",
             "lorashear-r32-b1 whose recovery ends on an exponential moving average of the LoRA weights "
