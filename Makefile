@@ -41,6 +41,7 @@ lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check lorashear jobs api worker migrations tests bench scripts
 	$(VENV)/bin/mypy lorashear jobs api worker
+	$(VENV)/bin/mypy bench/*.py
 
 clean-venv:
 	rm -rf $(VENV)

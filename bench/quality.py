@@ -999,7 +999,7 @@ def plot(path: Path, rows: list[dict[str, Any]]) -> None:
     methods = [m for m in dict.fromkeys(r["method"] for r in rows) if m != "dense"]
     # one colour per method (tab20, then tab20b), line style by kind; the legend sits to the right of both panels
     # and the figure grows with it, so no entry is cut off however many rows the table holds
-    colours = [*plt.get_cmap("tab20").colors, *plt.get_cmap("tab20b").colors]
+    colours = [plt.get_cmap(name)(i) for name in ("tab20", "tab20b") for i in range(20)]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, max(4.2, 0.17 * len(methods) + 0.8)))
     for i, method in enumerate(methods):
         pts = sorted((r["removed_fraction"], r["ppl_wikitext2_128"], r["avg5"]) for r in rows if r["method"] == method)

@@ -26,11 +26,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from lorashear.events import STAGES
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DATA = {
+DATA: dict[str, Any] = {
     "calibration": "wikitext-2/wiki.valid.tokens",
     "train": [
         {"name": "wikitext2", "train": "wikitext-2/wiki.valid.tokens"},
