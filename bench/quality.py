@@ -124,7 +124,7 @@ class Row:
     Attributes:
         method: the row's name in the JSON and the table.
         kind: ``lorashear`` (the product's pipeline), ``one_shot`` (stage verbs with a one-shot criterion) or
-            ``dense``.
+            ``dense`` (nothing removed; measured once, at target 0).
         over: changes to :data:`BASE` (lorashear) or the criterion and recovery (one_shot).
         about: one line for the table's legend.
     """
@@ -167,6 +167,12 @@ ROWS: dict[str, Row] = {
     r.method: r
     for r in [
         Row("dense", "dense", "the unpruned model", train=False),
+        Row(
+            "dense+lora",
+            "dense",
+            "the unpruned model with the one-shot rows' LoRA budget (rank 8, 102 steps, the same 104,448 tokens and "
+            "data mix as oneshot-taylor+lora): what training on this data pool alone does to the scores",
+        ),
         Row("lorashear", "lorashear", "ours: LHSPG decay, Taylor importance, per-layer layout, distillation 0.5"),
         Row("lorashear-hsp", "lorashear", "ours in hsp mode", {"lhspg": {"mode": "hsp"}}),
         Row(
@@ -682,17 +688,48 @@ def row_spec(base: dict[str, Any], row: Row, ratio: float, args: argparse.Namesp
     return spec
 
 
+def one_shot_spec(row: Row, ratio: float, args: argparse.Namespace) -> dict[str, Any]:
+    """The spec of a row trained after the fact (one-shot + LoRA, dense + LoRA): :data:`BASE` with all 102 steps in
+    recovery (:data:`ONE_SHOT_RECOVERY`), no distillation, and the row's changes."""
+    return row_spec(merge(BASE, {"recovery": ONE_SHOT_RECOVERY, "lhspg": {"distill": 0.0}}), row, ratio, args)
+
+
 def run_dense(row: Row, ratio: float, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """The unpruned model; with ``row.train``, after the one-shot rows' recovery (the same LoRA, steps, data mix
+    and seed as ``oneshot-taylor+lora``, nothing pruned): the control that tells what the training pool alone does."""
     from lorashear.modeling import count_params, load_model, load_tokenizer
 
-    model = load_model(args.model_root / GGUF).to(eval_device(args))
-    tok = load_tokenizer(args.model_root / GGUF)
-    n = count_params(model)
+    if not row.train:
+        model = load_model(args.model_root / GGUF).to(eval_device(args))
+        tok = load_tokenizer(args.model_root / GGUF)
+        return {
+            "removed_fraction": 0.0,
+            "params": count_params(model),
+            "train_tokens": 0,
+            **score(model, tok, args.data_root, args.limit, args.smoke),
+        }
+    import torch
+
+    import lorashear
+    from lorashear.evaluation.loss import mean_loss
+    from lorashear.resolve import Roots
+
+    # a JobSpec needs a target in (0, 1); nothing here reads it: no structure is pruned
+    spec_d = one_shot_spec(row, 0.2, args)
+    spec = lorashear.JobSpec.from_dict(spec_d)
+    job = lorashear.load(spec, Roots(args.model_root, args.data_root))
+    refs = {d.name: mean_loss(job.model, d.val_batches) for d in job.data.subsets}
+    before = lorashear.evaluate(job.model, job.data.eval, spec.evaluation).perplexity.perplexity
+    gen = torch.Generator().manual_seed(spec.seed)
+    stages = lorashear.recovery_stages(job.data.train, job.data.instruct, spec.recovery)
+    lorashear.recover(job.model, stages, refs, spec.recovery, gen, max_grad_norm=spec.lhspg.max_grad_norm)
+    model = job.model.merge_and_unload()
     return {
         "removed_fraction": 0.0,
-        "params": n,
-        "train_tokens": 0,
-        **score(model, tok, args.data_root, args.limit, args.smoke),
+        "params": count_params(model),
+        "train_tokens": train_tokens(spec_d, "one_shot"),
+        "ppl_before_recovery": before,
+        **score(model, job.tokenizer, args.data_root, args.limit, args.smoke),
     }
 
 
@@ -762,8 +799,7 @@ def run_one_shot(row: Row, ratio: float, args: argparse.Namespace, work: Path) -
     from lorashear.recovery.reconstruct import refit_windows
     from lorashear.resolve import Roots
 
-    over = {"recovery": ONE_SHOT_RECOVERY, "lhspg": {"distill": 0.0}}
-    spec_d = row_spec(merge(BASE, over), row, ratio, args)
+    spec_d = one_shot_spec(row, ratio, args)
     spec = lorashear.JobSpec.from_dict(spec_d)
     job = lorashear.load(spec, Roots(args.model_root, args.data_root))
     st = lorashear.discover(job.model, spec.structures, probe_ids=job.data.calibration.ids[:8].unsqueeze(0))

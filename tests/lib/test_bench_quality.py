@@ -41,3 +41,17 @@ def test_seed_summary_groups_seeds_per_method_and_ratio(quality) -> None:
     assert lines == [f"| m | 50% | 3 | 110.00 ± 10.00 (100.00-120.00) | 39.00 ± {sd:.2f} (38.00-40.00) |"]
     assert "orphan" not in text and "| other " not in text
     assert quality.seed_summary([row("m", 0.5, 1.0, 1.0), row("other", 0.5, 1.0, 1.0)]) == ""
+
+
+def test_dense_lora_control_trains_like_the_one_shot_lora_row(quality) -> None:
+    """``dense+lora`` (issue 9's control: what the training pool alone does) spends the same tokens, steps, LoRA and
+    data as ``oneshot-taylor+lora`` and is measured once, at target 0, like the dense row."""
+    import argparse
+
+    args = argparse.Namespace(smoke=False, device="cpu")
+    control, peer = quality.ROWS["dense+lora"], quality.ROWS["oneshot-taylor+lora"]
+    assert control.kind == "dense" and control.train and not quality.ROWS["dense"].train
+    a, b = quality.one_shot_spec(control, 0.2, args), quality.one_shot_spec(peer, 0.2, args)
+    assert {k: v for k, v in a.items() if k != "target_ratio"} == {k: v for k, v in b.items() if k != "target_ratio"}
+    tokens = quality.train_tokens(a, "one_shot")
+    assert tokens == quality.train_tokens(b, "one_shot") == 102 * quality.BATCH * quality.SEQ
