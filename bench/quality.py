@@ -254,6 +254,13 @@ ROWS: dict[str, Row] = {
             ABL75,
         ),
         Row(
+            "lorashear-r32-taylorprobe-abl75-rerun",
+            "lorashear",
+            "lorashear-r32-taylorprobe-abl75 run again, the same spec and seed 0, on the same machine with later code "
+            "(which stores per-document outcomes): how far a rerun of one configuration moves",
+            ABL75,
+        ),
+        Row(
             "lorashear-r32-taylorprobe-abl75-seed1",
             "lorashear",
             "lorashear-r32-taylorprobe-abl75 with seed 1 (LoRA init and data order)",
