@@ -555,6 +555,14 @@ ROWS: dict[str, Row] = {
             criterion="taylor",
         ),
         Row(
+            "oneshot-taylor+lora-r32-b1",
+            "one_shot",
+            "one-shot Taylor (per-layer allocation), then LoRA rank 32 / alpha 64 in batches of 1 x 256 tokens "
+            "(408 steps, the same 104,448 tokens) at learning rate 5e-4: the training of the -b1 rows",
+            {"lora": {"rank": 32, "alpha": 64}, "recovery": {"steps_per_round": 68, "batch_size": 1, "lr": 5e-4}},
+            criterion="taylor",
+        ),
+        Row(
             "oneshot-magnitude",
             "one_shot",
             "one-shot L2 magnitude (per-layer allocation), no training",
