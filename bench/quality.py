@@ -256,8 +256,9 @@ ROWS: dict[str, Row] = {
         Row(
             "lorashear-r32-taylorprobe-abl75-rerun",
             "lorashear",
-            "lorashear-r32-taylorprobe-abl75 run again, the same spec and seed 0, on the same machine with later code "
-            "(which stores per-document outcomes): how far a rerun of one configuration moves",
+            "lorashear-r32-taylorprobe-abl75 run again, the same spec and seed 0, in a later session on the same "
+            "kind of machine with later code (which stores per-document outcomes): how far a rerun of one "
+            "configuration moves",
             ABL75,
         ),
         Row(
@@ -704,8 +705,8 @@ def row_spec(base: dict[str, Any], row: Row, ratio: float, args: argparse.Namesp
 
 
 def one_shot_spec(row: Row, ratio: float, args: argparse.Namespace) -> dict[str, Any]:
-    """The spec of a row trained after the fact (one-shot + LoRA, dense + LoRA): :data:`BASE` with all 102 steps in
-    recovery (:data:`ONE_SHOT_RECOVERY`), no distillation, and the row's changes."""
+    """The spec of a row trained after the fact (one-shot + LoRA, dense + LoRA): :data:`BASE` with all its training
+    in recovery (:data:`ONE_SHOT_RECOVERY`: 102 steps of 4 x 256 tokens), no distillation, and the row's changes."""
     return row_spec(merge(BASE, {"recovery": ONE_SHOT_RECOVERY, "lhspg": {"distill": 0.0}}), row, ratio, args)
 
 
