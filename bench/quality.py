@@ -944,10 +944,11 @@ def seed_summary(rows: list[dict[str, Any]]) -> str:
     return "\n".join(head + lines)
 
 
-PAIRED_AGAINST = ("dense", "oneshot-taylor+lora", "oneshot-taylor+lora-r32-b1")
+PAIRED_AGAINST = ("dense", "oneshot-taylor+lora", "oneshot-taylor+lora-r32", "oneshot-taylor+lora-r32-b1")
 """Rows every other row is compared with document by document, where both stored per-document outcomes: the
-unpruned model, one-shot Taylor with the same LoRA budget (the issue's equal-budget competitor) and one-shot Taylor
-trained exactly as the ``-b1`` rows are (rank 32, 408 steps of 1 x 256 tokens: their equal-recipe competitor)."""
+unpruned model, one-shot Taylor with the same LoRA budget (the issue's equal-budget competitor), and one-shot
+Taylor trained with a rank-32 LoRA as the ``-r32`` rows are, in batches of 4 or, as the ``-b1`` rows are, of 1 x 256
+tokens (408 steps): their equal-recipe competitors."""
 
 
 def paired_avg5(before: dict[str, Any], after: dict[str, Any]) -> tuple[float, float] | None:
