@@ -710,6 +710,19 @@ def one_shot_spec(row: Row, ratio: float, args: argparse.Namespace) -> dict[str,
     return row_spec(merge(BASE, {"recovery": ONE_SHOT_RECOVERY, "lhspg": {"distill": 0.0}}), row, ratio, args)
 
 
+def train_lora(job: Any, spec: Any, refs: dict[str, float]) -> None:
+    """The training of a row trained after the fact (one-shot + LoRA, dense + LoRA): the product's recovery on the
+    job's LoRA with ``spec.recovery`` (:func:`one_shot_spec`), seeded by ``spec.seed``; ``refs`` are the dense
+    model's validation losses per sub-dataset (nats per token), which the data mix is weighted against."""
+    import torch
+
+    import lorashear
+
+    gen = torch.Generator().manual_seed(spec.seed)
+    stages = lorashear.recovery_stages(job.data.train, job.data.instruct, spec.recovery)
+    lorashear.recover(job.model, stages, refs, spec.recovery, gen, max_grad_norm=spec.lhspg.max_grad_norm)
+
+
 def run_dense(row: Row, ratio: float, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """The unpruned model; with ``row.train``, after the one-shot rows' recovery (the same LoRA, steps, data mix
     and seed as ``oneshot-taylor+lora``, nothing pruned): the control that tells what the training pool alone does."""
@@ -724,8 +737,6 @@ def run_dense(row: Row, ratio: float, args: argparse.Namespace, work: Path) -> d
             "train_tokens": 0,
             **score(model, tok, args.data_root, args.limit, args.smoke),
         }
-    import torch
-
     import lorashear
     from lorashear.evaluation.loss import mean_loss
     from lorashear.resolve import Roots
@@ -736,9 +747,7 @@ def run_dense(row: Row, ratio: float, args: argparse.Namespace, work: Path) -> d
     job = lorashear.load(spec, Roots(args.model_root, args.data_root))
     refs = {d.name: mean_loss(job.model, d.val_batches) for d in job.data.subsets}
     before = lorashear.evaluate(job.model, job.data.eval, spec.evaluation).perplexity.perplexity
-    gen = torch.Generator().manual_seed(spec.seed)
-    stages = lorashear.recovery_stages(job.data.train, job.data.instruct, spec.recovery)
-    lorashear.recover(job.model, stages, refs, spec.recovery, gen, max_grad_norm=spec.lhspg.max_grad_norm)
+    train_lora(job, spec, refs)
     model = job.model.merge_and_unload()
     return {
         "removed_fraction": 0.0,
@@ -805,7 +814,6 @@ def cached_analysis(model: Any, structures: Any, windows: Any, spec: Any, args: 
 
 
 def run_one_shot(row: Row, ratio: float, args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    import torch
 
     import lorashear
     from lorashear.baselines import one_shot
@@ -839,9 +847,7 @@ def run_one_shot(row: Row, ratio: float, args: argparse.Namespace, work: Path) -
     before = lorashear.evaluate(job.model, job.data.eval, spec.evaluation).perplexity.perplexity
     tokens = 0
     if row.train:
-        gen = torch.Generator().manual_seed(spec.seed)
-        stages = lorashear.recovery_stages(job.data.train, job.data.instruct, spec.recovery)
-        lorashear.recover(job.model, stages, refs, spec.recovery, gen, max_grad_norm=spec.lhspg.max_grad_norm)
+        train_lora(job, spec, refs)
         tokens = train_tokens(spec_d, "one_shot")
     model = job.model.merge_and_unload()
     n = count_params(model)
