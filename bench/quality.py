@@ -160,6 +160,10 @@ B1: dict[str, Any] = merge({"lora": {"rank": 32, "alpha": 64}}, SMALL_BATCH)
 B1_TAYLORPROBE: dict[str, Any] = merge(B1, {"analysis": {"probe": "taylor"}})
 """:data:`B1` whose layer map probes ablate the lowest-Taylor groups: the two 20% levers with the highest avg5 on their
 own (``lorashear-r32-b1``, ``lorashear-r32-taylorprobe``) together."""
+SELF_CALIB: dict[str, Any] = {"data": {"calibration_source": "generated"}, "lhspg": {"importance_data": "calibration"}}
+"""Calibration text sampled by the dense model itself (prompted by 4 tokens of each WikiText-2 valid window), and
+LHSPG's Taylor importance measured on it instead of on the training batches (the ``-selfcalib`` rows); the LoRA
+still trains on the same pool and tokens."""
 B1_EMA: dict[str, Any] = merge(B1, {"recovery": {"ema": 0.98}})
 """:data:`B1` whose recovery ends on an exponential moving average of the LoRA weights (about its last 50 steps)."""
 
@@ -467,6 +471,20 @@ ROWS: dict[str, Row] = {
             "lorashear",
             "lorashear-r32-b1-taylorprobe with seed 2 (LoRA init and data order): a third seed",
             merge(B1_TAYLORPROBE, {"seed": 2}),
+        ),
+        Row(
+            "lorashear-r32-b1-taylorprobe-selfcalib",
+            "lorashear",
+            "lorashear-r32-b1-taylorprobe whose layer map and LHSPG Taylor importance are measured on text the "
+            "dense model generated itself (data.calibration_source generated, lhspg.importance_data calibration)",
+            merge(B1_TAYLORPROBE, SELF_CALIB),
+        ),
+        Row(
+            "lorashear-r32-taylorprobe-abl75-selfcalib",
+            "lorashear",
+            "lorashear-r32-taylorprobe-abl75 whose layer map and LHSPG Taylor importance are measured on text the "
+            "dense model generated itself (data.calibration_source generated, lhspg.importance_data calibration)",
+            merge(ABL75, SELF_CALIB),
         ),
         Row(
             "lorashear-r32-taylorprobe-abl75-b1",

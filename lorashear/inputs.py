@@ -11,7 +11,7 @@ import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -98,6 +98,25 @@ class JobData:
             return sub.sample(batch_size, seq_len, gen)
 
         return mixed
+
+    def calibration_sampler(
+        self, batch_size: int, seq_len: int, device: torch.device | None = None
+    ) -> Callable[[int], dict[str, torch.Tensor]]:
+        """Batches of calibration windows by step, in order and cycling: step ``s`` gives windows
+        ``s * batch_size ... s * batch_size + batch_size - 1`` (mod the window count), so a resumed run scores the
+        same windows without a random draw (``lhspg.importance_data: calibration``).
+
+        Returns:
+            A callable ``step -> {input_ids, labels}``, each ``(batch_size, seq_len)``.
+        """
+        windows = self.calibration.windows(seq_len)
+
+        def at(step: int) -> dict[str, torch.Tensor]:
+            x = torch.stack([windows[(step * batch_size + i) % len(windows)] for i in range(batch_size)])
+            x = x.to(device) if device is not None else x
+            return {"input_ids": x, "labels": x}
+
+        return at
 
     def probe(self, seq_len: int = 32, windows: int = 2) -> torch.Tensor:
         """``(windows, seq_len)`` calibration tokens for checks (exactness, sanity, reload)."""
@@ -198,6 +217,73 @@ def load_job_data(spec: JobSpec, roots: Roots, tokenizer: Any) -> JobData:
     return JobData(calib, ev, train, instruct, pool)
 
 
+GENERATION_PROMPT_TOKENS = 4
+"""Tokens of each ``data.calibration`` window that prompt one generated calibration window."""
+
+
+def generate_calibration(
+    model: nn.Module,
+    tokenizer: Any,
+    text: TokenStream,
+    seq_len: int,
+    seed: int,
+    *,
+    batch_size: int = 16,
+    on_batch: Callable[[int, int], None] | None = None,
+) -> TokenStream:
+    """Calibration windows the model samples itself (``data.calibration_source: generated``, issue 9).
+
+    Each window of ``seq_len`` tokens of ``text`` gives its first :data:`GENERATION_PROMPT_TOKENS` tokens as the
+    prompt of one window of the same length, completed by sampling (top-k 50, top-p 0.95, temperature 1, no early
+    end of sequence). The global random state is restored afterwards, so the option changes nothing else a seeded
+    run draws (LoRA init, batches).
+
+    Args:
+        model: the dense model (PEFT-wrapped or not); put in eval mode and left there.
+        tokenizer: its tokenizer (for the pad id).
+        text: the calibration text as read (at most ``analysis.max_tokens`` tokens).
+        seq_len: window length in tokens (``analysis.seq_len``).
+        seed: the job's seed.
+        batch_size: windows generated at once.
+        on_batch: ``(windows done, windows)`` after each batch (progress).
+
+    Returns:
+        A stream of ``len(text) // seq_len`` windows, ``(n_windows * seq_len,)`` tokens.
+
+    Raises:
+        DataError: ``text`` is shorter than one window.
+    """
+    prompts = [w[:GENERATION_PROMPT_TOKENS] for w in text.windows(seq_len)]
+    if not prompts:
+        raise DataError(
+            f"data.calibration: {len(text)} tokens, fewer than analysis.seq_len={seq_len}", field="data.calibration"
+        )
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    new = seq_len - GENERATION_PROMPT_TOKENS
+    out: list[torch.Tensor] = []
+    model.eval()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
+        torch.manual_seed(seed)
+        for i in range(0, len(prompts), batch_size):
+            ids = torch.stack(prompts[i : i + batch_size]).to(device)  # (B, prompt)
+            gen = cast(Any, model).generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=True,
+                top_p=0.95,
+                top_k=50,
+                temperature=1.0,
+                max_new_tokens=new,
+                min_new_tokens=new,
+                pad_token_id=pad,
+            )
+            out.extend(gen[:, :seq_len].cpu())
+            if on_batch is not None:
+                on_batch(len(out), len(prompts))
+    return TokenStream(torch.cat(out))
+
+
 def _check_memory(
     spec: JobSpec, model: nn.Module, shape: ModelShape, device: torch.device, dtype: torch.dtype, teacher: bool
 ) -> int:
@@ -277,6 +363,16 @@ def load(
     need = _check_memory(spec, model, shape, device, dtype, teacher is not None)
     hooks.emit(STAGE, "log", message=f"estimated peak memory {need / 2**20:,.0f} MiB for training")
     data = load_job_data(spec, roots, tokenizer)
+    if spec.data.calibration_source == "generated":
+        n = len(data.calibration) // spec.analysis.seq_len
+
+        def progress(done: int, total: int) -> None:
+            hooks.emit(STAGE, "log", message=f"generated {done}/{total} calibration windows")
+
+        hooks.emit(STAGE, "log", message=f"sampling {n} calibration windows of {spec.analysis.seq_len} tokens")
+        data.calibration = generate_calibration(
+            model, tokenizer, data.calibration, spec.analysis.seq_len, spec.seed, on_batch=progress
+        )
     hooks.emit(STAGE, "stage_end", 3, 3, f"{n:,} parameters, {len(data.pool):,} training tokens")
     input_dtype, input_bytes = stored_weights(checked.model_path)
     path = checked.model_path

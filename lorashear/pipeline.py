@@ -125,7 +125,11 @@ class _Composer:
         cfg = self.spec.lhspg
         sample = self.job.data.lhspg_sampler(cfg.batch_size, cfg.seq_len, cfg.instruct_share, self.gen)
         args = (self.job.model, self.structures, self.set_quotas, cfg, sample)
-        self.state.prune = prune(*args, hooks=self.hooks, resume=loop, teacher=self.job.teacher)
+        calib = self.job.data.calibration_sampler(cfg.batch_size, self.spec.analysis.seq_len, self.job.device)
+        scored_on = calib if cfg.importance_data == "calibration" else None
+        self.state.prune = prune(
+            *args, hooks=self.hooks, resume=loop, teacher=self.job.teacher, importance_sample=scored_on
+        )
         check_sane(self.job.model, self.job.data.probe(), stage="prune", step=cfg.total_steps)
 
     def stage_compress(self, _loop: LoopState | None) -> None:

@@ -9,9 +9,10 @@ optimizer moments, group sets and schedule (the caller restores the weights and 
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -101,6 +102,11 @@ def _snapshot(opt: LHSPG, losses: list[float], taylor: TaylorImportance | None) 
     return LoopState(STAGE, {"lhspg": state, "inner": inner, "losses": list(losses)}, tensors)
 
 
+def _lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Cross-entropy of ``batch`` (``input_ids``, ``labels``) under ``model``, nats per token, with its graph."""
+    return cast(torch.Tensor, model(input_ids=batch["input_ids"], labels=batch["labels"]).loss)
+
+
 def prune(
     model: nn.Module,
     structures: Structures,
@@ -111,6 +117,7 @@ def prune(
     hooks: Hooks | None = None,
     resume: LoopState | None = None,
     teacher: nn.Module | None = None,
+    importance_sample: Callable[[int], dict[str, torch.Tensor]] | None = None,
 ) -> PruneResult:
     """Run LHSPG to the end of its schedule.
 
@@ -123,6 +130,9 @@ def prune(
         hooks: progress, cancellation and checkpoints (optional).
         resume: the loop state a previous, interrupted call saved.
         teacher: the frozen dense model, distilled from with weight ``cfg.distill``.
+        importance_sample: with ``cfg.importance_data == "calibration"``, the batch (``input_ids``, ``labels``,
+            ``(B, T)``) of a step, by 0-based step index, that the importance is accumulated on (a cross-entropy
+            forward and backward whose gradients are then dropped) instead of the training batch.
 
     Returns:
         :class:`PruneResult`.
@@ -133,6 +143,8 @@ def prune(
         Cancelled: ``hooks.should_cancel`` returned True (a checkpoint was saved first).
     """
     hooks = hooks or Hooks()
+    if cfg.importance_data == "calibration" and (importance_sample is None or cfg.importance not in ACCUMULATED):
+        raise ValueError("lhspg.importance_data 'calibration' needs importance_sample and an accumulated importance")
     taylor = (
         TaylorImportance(model, structures, keys=quotas, fisher=cfg.importance == "fisher")
         if cfg.importance in ACCUMULATED
@@ -156,7 +168,13 @@ def prune(
     while opt.step_count < total:
         hooks.cancel_point(STAGE, snap)
         step = opt.step_count
-        with taylor.recording() if taylor is not None else contextlib.nullcontext():
+        on_train = taylor is not None and importance_sample is None
+        if taylor is not None and importance_sample is not None:  # rank the groups on the calibration text
+            batch = importance_sample(step)
+            model.eval()
+            taylor.accumulate(functools.partial(_lm_loss, model, batch))
+            model.zero_grad(set_to_none=True)
+        with taylor.recording() if on_train and taylor is not None else contextlib.nullcontext():
             loss = train_loss(model, sample(), stage=STAGE, step=step, teacher=teacher, distill=cfg.distill)
         info = opt.step()
         model.zero_grad(set_to_none=True)
