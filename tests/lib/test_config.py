@@ -65,6 +65,12 @@ def test_unknown_key_warns_and_is_ignored() -> None:
         ({"model": "m", "lhspg": {"instruct_share": 1.5}}, "lhspg.instruct_share"),
         ({"model": "m", "lhspg": {"instruct_share": 0.5}, "data": {"instruct": []}}, "lhspg.instruct_share"),
         ({"model": "m", "lora": {"train_norms": 1}}, "lora.train_norms"),
+        ({"model": "m", "data": {"calibration_source": "c4"}}, "data.calibration_source"),
+        ({"model": "m", "lhspg": {"importance_data": "eval"}}, "lhspg.importance_data"),
+        (
+            {"model": "m", "lhspg": {"importance_data": "calibration", "importance": "lora_saliency"}},
+            "lhspg.importance_data",
+        ),
         ({"model": "m", "data": {"prompt_template": "vicuna"}}, "data.prompt_template"),
         ({"model": "m", "data": {"prompt_template": "Q: {instruction} {output}"}}, "data.prompt_template"),
         ({"model": "m", "data": {"prompt_template": "Q: {instruction.__class__}"}}, "data.prompt_template"),

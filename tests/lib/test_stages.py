@@ -462,3 +462,64 @@ def test_reconstruct_stream_target_also_cancels_the_residual_gap() -> None:
     w_before = _effective_weight(_find(sliced, down_name))[0]
     want = torch.linalg.solve(gram + lam * torch.eye(len(gram), dtype=gram.dtype), x.T @ goal + lam * w_before.T).T
     torch.testing.assert_close(_effective_weight(_find(job.model, down_name))[0], want, rtol=1e-4, atol=1e-5)
+
+
+def test_generated_calibration_is_the_models_own_seeded_text_and_leaves_the_random_state() -> None:
+    """``data.calibration_source: generated`` (issue 9): one window of ``analysis.seq_len`` per window of the
+    calibration file, each opening with that window's first tokens; the same seed gives the same text, another
+    seed other text; the global random state after loading is what it is without the option (LoRA init and
+    batches unchanged)."""
+    import lorashear
+    from lorashear.inputs import GENERATION_PROMPT_TOKENS, generate_calibration
+
+    spec = spec_of({"data": {"calibration_source": "generated"}})
+    text_spec = spec_of()
+    seq = spec.analysis.seq_len
+    job = lorashear.load(spec)
+    after_generated = torch.rand(4)
+    text = lorashear.load(text_spec)
+    after_text = torch.rand(4)
+    assert torch.equal(after_generated, after_text)
+    n = len(text.data.calibration) // seq
+    assert len(job.data.calibration) == n * seq
+    gen, read = job.data.calibration.windows(seq), text.data.calibration.windows(seq)
+    assert all(
+        torch.equal(g[:GENERATION_PROMPT_TOKENS], r[:GENERATION_PROMPT_TOKENS]) for g, r in zip(gen, read, strict=True)
+    )
+    assert not all(torch.equal(g, r) for g, r in zip(gen, read, strict=True))
+    again = generate_calibration(text.model, text.tokenizer, text.data.calibration, seq, spec.seed)
+    other = generate_calibration(text.model, text.tokenizer, text.data.calibration, seq, spec.seed + 1)
+    assert torch.equal(again.ids, job.data.calibration.ids)
+    assert not torch.equal(other.ids, again.ids)
+    vocab = text.model.get_input_embeddings().weight.shape[0]
+    assert int(job.data.calibration.ids.max()) < vocab
+
+
+def test_lhspg_importance_on_calibration_text_changes_the_pruning_and_resumes_alike(tmp_path: Path) -> None:
+    """``lhspg.importance_data: calibration`` with generated calibration (issue 9): the Taylor importance is
+    measured on the calibration windows, not the training batches, so other groups go; the run stays exact, trains
+    on the same batches (the pool draws are unchanged), and a run cancelled inside LHSPG resumes to the same
+    weights (the calibration batches are picked by step, not drawn)."""
+    generated = {"data": {"calibration_source": "generated"}}
+    spec = spec_of({**generated, "lhspg": {"importance_data": "calibration"}})
+    ref = run(spec, tmp_path / "ref", roots=Roots(), work_dir=tmp_path / "wref")
+    on_train = run(spec_of(generated), tmp_path / "plain", roots=Roots(), work_dir=tmp_path / "wplain")
+    assert ref.summary["max_abs_logit_diff"] < 1e-4
+    assert ref.summary["ppl_pruned"] != on_train.summary["ppl_pruned"]
+    assert_resumes_alike(spec, tmp_path, ref.summary, cancel_at=("prune", 5))
+
+
+def test_prune_refuses_calibration_importance_without_its_batches() -> None:
+    import lorashear
+    from lorashear.config import LHSPGConfig
+
+    spec = spec_of()
+    job = lorashear.load(spec)
+    st = lorashear.discover(job.model, spec.structures, probe_ids=job.data.probe(8, 1))
+    quotas = lorashear.plan_quotas(job.shape, 0.2, spec.structures, gamma=0.1)
+    cfg = LHSPGConfig(
+        warmup_steps=1, periods=1, period_steps=1, batch_size=2, seq_len=32, importance_data="calibration"
+    )
+    gen = torch.Generator().manual_seed(0)
+    with pytest.raises(ValueError, match="importance_sample"):
+        lorashear.prune(job.model, st, lorashear.set_quotas(st, quotas), cfg, lambda: job.data.pool.sample(2, 32, gen))
