@@ -560,9 +560,12 @@ class DataConfig(_Section):
     ``seed``), each window of ``analysis.seq_len`` tokens prompted by the first 4 tokens of one window of
     ``data.calibration``, up to ``analysis.max_tokens`` tokens in all. Self-generated calibration follows the
     model's own distribution rather than one corpus' (Ji et al. 2024, "Beware of Calibration Data for Pruning
-    Large Language Models"); costs one sampled token per calibration token at load. Measured on SmolLM2-135M,
-    one-shot Taylor at 20% (uniform, no training): avg5 40.2 vs 37.9 from WikiText-2 valid, paired +2.3 +- 1.4,
-    WikiText-2 perplexity 609 vs 495 (issue 9)."""
+    Large Language Models"); costs one sampled token per calibration token at load. On SmolLM2-135M at 20% it
+    helped untrained one-shot Taylor (uniform layout, a probe outside the benchmark table: avg5 40.2 vs 37.9,
+    paired +2.3 +- 1.4; WikiText-2 perplexity 609 vs 495) but not LoRAShear: with ``lhspg.importance_data:
+    calibration`` too, 75.87 / avg5 41.2 against 65.20 / 43.0 (three-seed mean) measured on WikiText-2 valid and
+    the training batches (``bench/results/quality-smollm2.md``, ``-selfcalib``; issue 9). ``text`` stays the
+    default."""
     train: list[DatasetConfig] = field(default_factory=_default_pretrain)
     """Pretraining-style sub-datasets: LHSPG trains on their union; recovery stage 1 re-weights them."""
     instruct: list[DatasetConfig] = field(default_factory=_default_instruct)
