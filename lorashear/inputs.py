@@ -364,12 +364,12 @@ def load(
     hooks.emit(STAGE, "log", message=f"estimated peak memory {need / 2**20:,.0f} MiB for training")
     data = load_job_data(spec, roots, tokenizer)
     if spec.data.calibration_source == "generated":
-        n = len(data.calibration) // spec.analysis.seq_len
+        windows = len(data.calibration) // spec.analysis.seq_len
 
         def progress(done: int, total: int) -> None:
             hooks.emit(STAGE, "log", message=f"generated {done}/{total} calibration windows")
 
-        hooks.emit(STAGE, "log", message=f"sampling {n} calibration windows of {spec.analysis.seq_len} tokens")
+        hooks.emit(STAGE, "log", message=f"sampling {windows} calibration windows of {spec.analysis.seq_len} tokens")
         data.calibration = generate_calibration(
             model, tokenizer, data.calibration, spec.analysis.seq_len, spec.seed, on_batch=progress
         )

@@ -125,8 +125,11 @@ class _Composer:
         cfg = self.spec.lhspg
         sample = self.job.data.lhspg_sampler(cfg.batch_size, cfg.seq_len, cfg.instruct_share, self.gen)
         args = (self.job.model, self.structures, self.set_quotas, cfg, sample)
-        calib = self.job.data.calibration_sampler(cfg.batch_size, self.spec.analysis.seq_len, self.job.device)
-        scored_on = calib if cfg.importance_data == "calibration" else None
+        scored_on = (
+            self.job.data.calibration_sampler(cfg.batch_size, self.spec.analysis.seq_len, self.job.device)
+            if cfg.importance_data == "calibration"
+            else None
+        )
         self.state.prune = prune(
             *args, hooks=self.hooks, resume=loop, teacher=self.job.teacher, importance_sample=scored_on
         )

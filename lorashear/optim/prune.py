@@ -168,13 +168,12 @@ def prune(
     while opt.step_count < total:
         hooks.cancel_point(STAGE, snap)
         step = opt.step_count
-        on_train = taylor is not None and importance_sample is None
-        if taylor is not None and importance_sample is not None:  # rank the groups on the calibration text
-            batch = importance_sample(step)
+        recorder = taylor if cfg.importance_data == "train" else None
+        if taylor is not None and importance_sample is not None and recorder is None:  # rank on calibration text
             model.eval()
-            taylor.accumulate(functools.partial(_lm_loss, model, batch))
+            taylor.accumulate(functools.partial(_lm_loss, model, importance_sample(step)))
             model.zero_grad(set_to_none=True)
-        with taylor.recording() if on_train and taylor is not None else contextlib.nullcontext():
+        with recorder.recording() if recorder is not None else contextlib.nullcontext():
             loss = train_loss(model, sample(), stage=STAGE, step=step, teacher=teacher, distill=cfg.distill)
         info = opt.step()
         model.zero_grad(set_to_none=True)
