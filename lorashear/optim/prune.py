@@ -165,11 +165,11 @@ def prune(
     def snap() -> LoopState:
         return _snapshot(opt, losses, taylor)
 
+    recorder = taylor if cfg.importance_data == "train" else None  # else ranked on calibration text, below
     while opt.step_count < total:
         hooks.cancel_point(STAGE, snap)
         step = opt.step_count
-        recorder = taylor if cfg.importance_data == "train" else None
-        if taylor is not None and importance_sample is not None and recorder is None:  # rank on calibration text
+        if taylor is not None and importance_sample is not None and recorder is None:
             model.eval()
             taylor.accumulate(functools.partial(_lm_loss, model, importance_sample(step)))
             model.zero_grad(set_to_none=True)
